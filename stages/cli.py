@@ -1,0 +1,24 @@
+"""The ``semires`` command: one subcommand per DVC stage."""
+
+from __future__ import annotations
+
+import typer
+
+from stages.extract import extract
+from stages.split import split
+from stages.synth import synth
+
+app = typer.Typer(
+    name="semires",
+    help="Semi-supervised referring expression segmentation with SAM-refined pseudo-labels. "
+    "Each command is one stage of dvc.yaml; `dvc repro` runs them in order.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("synth")(synth)
+app.command("extract")(extract)
+app.command("split")(split)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,40 @@
+"""What every stage command shares: the --params option and turning bad input into a message."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, ParamSpec, TypeVar
+
+import typer
+
+from semires.errors import SemiresError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def stage_command(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Run a stage; a :class:`SemiresError` becomes one line on stderr and exit status 2."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return fn(*args, **kwargs)
+            except SemiresError as e:
+                print(f"semires {name}: error: {e}", file=sys.stderr)
+                raise typer.Exit(2) from None
+
+        return run
+
+    return wrap
+
+
+def log(stage: str, message: str) -> None:
+    print(f"[{stage}] {message}", flush=True)

@@ -1,0 +1,68 @@
+"""Stage ``split``: labeled / unlabeled train images for each label fraction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from semires import annotations
+from semires.atomic import atomic_path, write_json
+from semires.errors import SemiresError
+from semires.split import check_nested, fraction_name, random_split, split_from_file
+from stages.common import DEFAULT_PARAMS, ParamsOption, log, stage_command
+from stages.params import SplitParams, section
+
+
+def _read_split_file(path: Path) -> object:
+    if not path.is_file():
+        raise SemiresError(
+            f"{path}: split file not found (split.files in params.yaml); fix the path or "
+            "remove the entry to draw that fraction at random"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SemiresError(f"{path}: not valid JSON ({e}); expected a SemiRES/SimREC split file") from e
+
+
+@stage_command("split")
+def split(
+    anns_path: Annotated[Path, typer.Option("--anns", help="Annotation file from `extract`.")] = Path(
+        "data/anns.json"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder to write one <percent>.json per fraction to.")] = Path(
+        "data/split"
+    ),
+    summary_path: Annotated[
+        Path, typer.Option("--summary", help="Counts per fraction (a DVC metric).")
+    ] = Path("data/metrics/split.json"),
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Draw the labeled train images of every fraction in split.fractions (by image, seeded)."""
+    p = section(params, "split", SplitParams)
+    anns = annotations.load(anns_path)
+    train = anns.image_ids("train")
+    results = []
+    for pct in p.fractions:
+        if pct in p.files:
+            path = Path(p.files[pct])
+            results.append(split_from_file(_read_split_file(path), anns, pct, name=str(path)))
+        else:
+            results.append(random_split(train, pct, p.seed))
+    check_nested(results)
+    summary = {}
+    with atomic_path(out, directory=True) as tmp:
+        for s in results:
+            doc = s.to_json(anns)
+            write_json(tmp / f"{fraction_name(s.percent)}.json", doc, indent=None)
+            summary[fraction_name(s.percent)] = doc["counts"]
+            lab, unl = doc["counts"]["labeled"], doc["counts"]["unlabeled"]
+            log(
+                "split",
+                f"{s.percent:g}% ({s.source}): labeled {lab['images']} images / {lab['refs']} refs / "
+                f"{lab['sentences']} sentences; unlabeled {unl['images']} images / {unl['refs']} refs",
+            )
+    write_json(summary_path, summary)
