@@ -57,11 +57,15 @@ def refer_paths(refer_root: str | Path, dataset: str, split_by: str) -> tuple[Pa
     return folder / f"refs({split_by}).p", folder / "instances.json"
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Builds lists, dicts, tuples, strings and numbers; refuses every global lookup."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"it asks to import {module}.{name}")
+        raise _Refused(f"it asks to import {module}.{name}")
 
 
 def load_refs_pickle(path: str | Path) -> list[dict[str, Any]]:
@@ -76,7 +80,7 @@ def load_refs_pickle(path: str | Path) -> list[dict[str, Any]]:
     try:
         # The published pickles were written by Python 2; their byte strings are ASCII/UTF-8.
         refs = _PlainUnpickler(io.BytesIO(data), encoding="utf-8").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise SemiresError(
             f"{path}: refused to read this pickle ({e}); a REFER refs file holds only "
             "lists, dicts, strings and numbers — replace it with the original refs file"

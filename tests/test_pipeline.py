@@ -1,0 +1,103 @@
+"""End to end: the real `dvc repro` in a temporary git repository holding a copy of the project."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+# Small enough for CI; every stage still runs its real code.
+SMALL = {
+    "synth": {"num_images": 60, "image_size": [64, 80]},
+    "split": {"fractions": [10, 50]},
+}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        GIT_AUTHOR_NAME="semires-test",
+        GIT_AUTHOR_EMAIL="test@semires.invalid",
+        GIT_COMMITTER_NAME="semires-test",
+        GIT_COMMITTER_EMAIL="test@semires.invalid",
+        HF_HUB_OFFLINE="1",
+        DVC_NO_ANALYTICS="1",
+    )
+    return env
+
+
+def _sh(cwd: Path, *cmd: str) -> str:
+    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout}\n{p.stderr}"
+    return p.stdout + p.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _edit_params(repo: Path, updates: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for sect, values in updates.items():
+        params.setdefault(sect, {}).update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's files as a fresh clone has them (tracked and not ignored), in a new git repo."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    _sh(dest, "git", "init", "-q")
+    return dest
+
+
+def stage_names(repo: Path) -> set[str]:
+    """Every stage of dvc.yaml, foreach/matrix stages expanded as `dvc repro` names them."""
+    out = _sh(repo, "dvc", "stage", "list", "--name-only")
+    return set(out.split())
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    repo = copy_project(tmp_path_factory.mktemp("project"))
+    _edit_params(repo, SMALL)
+    _sh(repo, "git", "add", "-A")
+    _sh(repo, "git", "commit", "-qm", "project")
+    return repo
+
+
+def test_repro_runs_every_stage_then_nothing(project):
+    out = _sh(project, "dvc", "repro")
+    assert _ran(out) == stage_names(project)
+    assert (project / "data/anns.json").is_file()
+    assert (project / "data/split/10.json").is_file()
+    again = _sh(project, "dvc", "repro")
+    assert _ran(again) == set()
+    assert "Data and pipelines are up to date" in again
+
+
+def test_changing_split_reruns_split_and_later_only(project):
+    _edit_params(project, {"split": {"seed": 1}})
+    out = _sh(project, "dvc", "repro")
+    ran = _ran(out)
+    assert "split" in ran
+    assert not ran & {"synth", "extract", "propose"}, f"upstream stages reran: {sorted(ran)}"
+    assert _ran(_sh(project, "dvc", "repro")) == set()
