@@ -1,7 +1,9 @@
 """params.yaml, read once into typed sections that check themselves.
 
 Each stage asks for the sections it reads and nothing else, so a bad value in a section a
-stage does not read never stops it. A wrong key, type or range raises a
+stage does not read never stops it. A section read by one stage only is defined in that
+stage's module (``stages/<stage>.py``), so editing it reruns that stage alone under DVC; this
+module holds the machinery and the sections several stages share. A wrong key, type or range raises a
 :class:`~semires.errors.SemiresError` that names the key (``split.fractions[2]``), the value
 and what is allowed.
 """
@@ -118,49 +120,7 @@ def section(path: str | Path, name: str, cls: type[T]) -> T:
     return from_dict(cls, read_params(path).get(name), name)
 
 
-# --- the sections --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SynthParams:
-    num_images: int = 400
-    image_size: tuple[int, int] = (96, 128)
-    objects_per_image: tuple[int, int] = (2, 4)
-    crowd_share: float = 0.15
-    overlap_share: float = 0.3
-    split_shares: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"train": 0.7, "val": 0.1, "testA": 0.1, "testB": 0.1}
-    )
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check(self.num_images >= 4, "synth.num_images", self.num_images, "need at least 4 images")
-        lo, hi = self.image_size
-        check(
-            32 <= lo <= hi <= 4096,
-            "synth.image_size",
-            list(self.image_size),
-            "expected [min, max] side in pixels with 32 <= min <= max",
-        )
-        lo, hi = self.objects_per_image
-        check(
-            1 <= lo <= hi <= 12,
-            "synth.objects_per_image",
-            list(self.objects_per_image),
-            "expected [min, max] with 1 <= min <= max <= 12",
-        )
-        for k in ("crowd_share", "overlap_share"):
-            v = getattr(self, k)
-            check(0 <= v <= 1, f"synth.{k}", v, "expected a share in [0, 1]")
-        check(
-            "train" in self.split_shares
-            and all(v >= 0 for v in self.split_shares.values())
-            and sum(self.split_shares.values()) > 0,
-            "synth.split_shares",
-            self.split_shares,
-            "expected non-negative shares including train, "
-            "e.g. {train: 0.7, val: 0.1, testA: 0.1, testB: 0.1}",
-        )
+# --- shared by several stages ------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,28 +140,3 @@ class DatasetParams:
             self.split_by,
             f"{self.name} is published with {', '.join(SPLITS_BY[self.name])}",
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitParams:
-    seed: int = 0
-    fractions: list[float] = dataclasses.field(default_factory=lambda: [5.0, 10.0])
-    files: dict[float, str] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check(len(self.fractions) > 0, "split.fractions", self.fractions, "expected at least one percentage")
-        for i, f in enumerate(self.fractions):
-            check(0 < f <= 100, f"split.fractions[{i}]", f, "expected a percentage in (0, 100], e.g. 1 or 10")
-        check(
-            len(set(self.fractions)) == len(self.fractions),
-            "split.fractions",
-            self.fractions,
-            "each percentage once",
-        )
-        for f in self.files:
-            check(
-                f in self.fractions,
-                f"split.files.{f:g}",
-                self.files[f],
-                "the key must be one of split.fractions",
-            )

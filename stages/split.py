@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +14,32 @@ from semires.atomic import atomic_path, write_json
 from semires.errors import SemiresError
 from semires.split import check_nested, fraction_name, random_split, split_from_file
 from stages.common import DEFAULT_PARAMS, ParamsOption, log, stage_command
-from stages.params import SplitParams, section
+from stages.params import check, section
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitParams:
+    seed: int = 0
+    fractions: list[float] = dataclasses.field(default_factory=lambda: [5.0, 10.0])
+    files: dict[float, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(len(self.fractions) > 0, "split.fractions", self.fractions, "expected at least one percentage")
+        for i, f in enumerate(self.fractions):
+            check(0 < f <= 100, f"split.fractions[{i}]", f, "expected a percentage in (0, 100], e.g. 1 or 10")
+        check(
+            len(set(self.fractions)) == len(self.fractions),
+            "split.fractions",
+            self.fractions,
+            "each percentage once",
+        )
+        for f in self.files:
+            check(
+                f in self.fractions,
+                f"split.files.{f:g}",
+                self.files[f],
+                "the key must be one of split.fractions",
+            )
 
 
 def _read_split_file(path: Path) -> object:

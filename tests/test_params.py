@@ -2,7 +2,9 @@ import pytest
 import yaml
 
 from semires.errors import SemiresError
-from stages.params import DatasetParams, SplitParams, SynthParams, section
+from stages.params import DatasetParams, section
+from stages.split import SplitParams
+from stages.synth import SynthParams
 
 from .conftest import REPO
 
