@@ -109,3 +109,14 @@ def all_ok(ok: bool) -> bool:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_sum(values: list[int]) -> list[int]:
+    """Element-wise sum of ``values`` over all ranks (``values`` itself without a group)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from stages.extract import extract
+from stages.propose import propose
 from stages.split import split
 from stages.synth import synth
 
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.command("synth")(synth)
 app.command("extract")(extract)
 app.command("split")(split)
+app.command("propose")(propose)
 
 if __name__ == "__main__":
     app()

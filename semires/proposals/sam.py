@@ -1,0 +1,206 @@
+"""The paper's backend: segment-anything's ``SamAutomaticMaskGenerator`` (ViT-H / L / B).
+
+The model is built without weights from segment-anything's registry, then the checkpoint is
+read here with ``torch.load(weights_only=True)`` and checked against the model before it is
+loaded, so that a missing file or a checkpoint of another model type is one clear message
+instead of a pickle or a ``load_state_dict`` traceback. ``tiny`` is a randomly initialised
+0.2 M-parameter SAM built from the same modules, for tests; it loads its checkpoint through
+the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from semires.errors import SemiresError
+from semires.proposals.base import Proposals, file_sha256
+
+NAME = "sam"
+
+
+@dataclass(frozen=True)
+class SamSettings:
+    """``SamAutomaticMaskGenerator``'s keyword arguments; defaults are the library's (the
+    paper ran with them)."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 0
+
+
+def build_tiny_sam(checkpoint: str | None = None) -> torch.nn.Module:
+    """A randomly initialised SAM small enough for CPU tests (input 256 px, ~0.2 M params).
+
+    ``checkpoint`` is accepted for the registry's signature and ignored: weights are loaded
+    by :func:`load_sam`."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    del checkpoint
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=256,
+            patch_size=16,
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=4,
+            out_chans=32,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=4,
+            global_attn_indexes=(1,),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=32, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=16
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2),
+            transformer_dim=32,
+            iou_head_depth=3,
+            iou_head_hidden_dim=32,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
+
+
+def registry() -> dict[str, Callable[..., torch.nn.Module]]:
+    """``model_type -> builder(checkpoint=None)``: segment-anything's ViTs plus ``tiny``."""
+    from segment_anything import sam_model_registry
+
+    return {
+        "vit_h": sam_model_registry["vit_h"],
+        "vit_l": sam_model_registry["vit_l"],
+        "vit_b": sam_model_registry["vit_b"],
+        "tiny": build_tiny_sam,
+    }
+
+
+MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "tiny")
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (a plain state dict, or one under a ``"model"`` key)."""
+    if not path.is_file():
+        raise SemiresError(
+            f"{path}: SAM checkpoint not found (proposals.checkpoint); download it from "
+            "https://github.com/facebookresearch/segment-anything#model-checkpoints or fix the path"
+        )
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a checkpoint
+        raise SemiresError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            "download the SAM checkpoint again"
+        ) from e
+    if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
+        sd = sd["model"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SemiresError(f"{path}: not a state dict of tensors; expected a SAM checkpoint")
+    return dict(sd)
+
+
+def load_sam(
+    model_type: str,
+    checkpoint: str | Path,
+    builders: Mapping[str, Callable[..., torch.nn.Module]] | None = None,
+) -> torch.nn.Module:
+    """Build ``model_type`` and load ``checkpoint`` into it, checking names and shapes first."""
+    builders = registry() if builders is None else builders
+    if model_type not in builders:
+        raise SemiresError(f"proposals.model_type = {model_type!r}: expected one of {', '.join(builders)}")
+    path = Path(checkpoint)
+    sd = read_checkpoint(path)
+    with torch.device("meta"):  # names and shapes only: no memory, no random init
+        expected = {k: tuple(v.shape) for k, v in builders[model_type](checkpoint=None).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{what} {len(keys)} (e.g. {keys[0]}{extra(keys[0])})"
+            for what, keys, extra in (
+                ("missing", missing, lambda k: ""),
+                ("unexpected", unexpected, lambda k: ""),
+                ("wrong shape", wrong, lambda k: f": {got[k]} vs {expected[k]}"),
+            )
+            if keys
+        )
+        raise SemiresError(
+            f"{path}: checkpoint does not match model type {model_type}: {detail}; "
+            "set proposals.model_type to the checkpoint's type (sam_vit_h_* -> vit_h, sam_vit_l_* -> "
+            "vit_l, sam_vit_b_* -> vit_b)"
+        )
+    model = builders[model_type](checkpoint=None)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+class SamBackend:
+    """``SamAutomaticMaskGenerator`` over a checked checkpoint, on ``device``."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        model_type: str,
+        checkpoint: str | Path,
+        settings: SamSettings | None = None,
+        device: torch.device | str = "cpu",
+        builders: Mapping[str, Callable[..., torch.nn.Module]] | None = None,
+    ) -> None:
+        from segment_anything import SamAutomaticMaskGenerator
+
+        self.model_type = model_type
+        self.checkpoint = Path(checkpoint)
+        self.settings = settings or SamSettings()
+        model = load_sam(model_type, self.checkpoint, builders).to(device)
+        self.sha256 = file_sha256(self.checkpoint)
+        self.generator = SamAutomaticMaskGenerator(model, output_mode="binary_mask", **asdict(self.settings))
+        self.calls = 0
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "backend": NAME,
+            "description": "segment-anything SamAutomaticMaskGenerator",
+            "model_type": self.model_type,
+            "checkpoint_sha256": self.sha256,
+            "settings": dict(sorted(asdict(self.settings).items())),
+        }
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray) -> Proposals:
+        self.calls += 1
+        return records_to_proposals(self.generator.generate(image), image.shape[:2])
+
+
+def records_to_proposals(records: list[dict[str, Any]], size: tuple[int, int]) -> Proposals:
+    """SAM's (and SAM 2's) ``binary_mask`` records -> :class:`Proposals` of ``size`` (H, W)."""
+    h, w = size
+    if not records:
+        return Proposals.from_masks(np.zeros((0, h, w), bool))
+    return Proposals(
+        masks=np.stack([np.asarray(r["segmentation"], bool) for r in records]),
+        predicted_iou=np.array([r["predicted_iou"] for r in records], np.float32),
+        stability_score=np.array([r["stability_score"] for r in records], np.float32),
+        area=np.array([r["area"] for r in records], np.float32),
+        bbox=np.array([r["bbox"] for r in records], np.float32).reshape(-1, 4),
+    )

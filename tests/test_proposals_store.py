@@ -1,0 +1,182 @@
+"""The proposals store: bit packing, nearest resize on packed bits, write/read round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semires.errors import SemiresError
+from semires.proposals.base import Proposals, cap, mask_boxes
+from semires.proposals.store import (
+    ImageResult,
+    Layout,
+    ProposalStore,
+    Scratch,
+    _pick_bits,
+    create,
+    finish,
+    nearest_index,
+    pack_masks,
+    resize_packed,
+    unpack_masks,
+    write_shard,
+)
+
+CONFIG = {"backend": "test", "checkpoint_sha256": None, "settings": {"b": 2, "a": 1}}
+
+
+def _blobs(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
+    """``n x h x w`` bool: random ellipses, like object masks."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.zeros((n, h, w), bool)
+    for i in range(n):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        ry, rx = rng.uniform(2, h / 2), rng.uniform(2, w / 2)
+        out[i] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+    return out
+
+
+def test_pack_round_trip_odd_width():
+    masks = np.random.default_rng(0).random((3, 5, 13)) > 0.5
+    packed = pack_masks(masks)
+    assert packed.dtype == np.uint8 and packed.size == 3 * 5 * 2
+    assert np.array_equal(unpack_masks(packed, 3, 5, 13), masks)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "size"),
+    [
+        (37, 53, (16, 16)),
+        (48, 64, (48, 48)),
+        (7, 9, (20, 31)),
+        (5, 8, (5, 8)),
+        (30, 640, (30, 480)),
+        (4, 427, (4, 480)),
+        (3, 96, (3, 64)),
+    ],
+)
+def test_resize_on_packed_bits_equals_interpolate_nearest(h, w, size):
+    masks = np.random.default_rng(1).random((4, h, w)) > 0.5
+    got = resize_packed(pack_masks(masks), 4, h, w, size)
+    want = F.interpolate(torch.from_numpy(masks).float()[None], size=size, mode="nearest")[0] > 0.5
+    assert got.dtype == torch.bool and got.shape == (4, *size)
+    assert torch.equal(got, want)
+
+
+def test_device_path_picks_the_same_bits():
+    """The GPU path (bits picked by torch ops after the copy), run here on CPU tensors."""
+    masks = np.random.default_rng(3).random((3, 21, 45)) > 0.5
+    rows = torch.from_numpy(pack_masks(masks).reshape(3, 21, 6)[:, nearest_index(21, 30).numpy()])
+    got = _pick_bits(rows, nearest_index(45, 33))
+    assert torch.equal(got, resize_packed(pack_masks(masks), 3, 21, 45, (30, 33)))
+
+
+def test_mask_boxes_match_sam_xywh():
+    m = np.zeros((2, 6, 8), bool)
+    m[0, 1:4, 2:7] = True  # rows 1..3, cols 2..6
+    assert mask_boxes(m).tolist() == [[2, 1, 4, 2], [0, 0, 0, 0]]
+
+
+def test_cap_keeps_highest_predicted_iou_then_stability_in_backend_order():
+    masks = np.zeros((4, 4, 4), bool)
+    p = Proposals.from_masks(masks, predicted_iou=[0.5, np.nan, 0.9, 0.7], stability_score=[0, 1, 0, 0])
+    assert cap(p, 2).predicted_iou.tolist() == pytest.approx([0.9, 0.7])
+    q = Proposals.from_masks(masks, stability_score=[0.2, 1.0, np.nan, 0.6])
+    assert cap(q, 2).stability_score.tolist() == pytest.approx([1.0, 0.6])
+
+
+def _write_store(path, images: dict[int, Proposals], shard_images: int, chunk_bytes: int = 512) -> Layout:
+    layout = Layout.build(
+        {i: p.masks.shape[1:] for i, p in images.items()},
+        max_masks=8,
+        shard_images=shard_images,
+        chunk_bytes=chunk_bytes,
+    )
+    create(path, layout, CONFIG)
+    results = {i: ImageResult.from_proposals(p, len(p), "sha") for i, p in images.items()}
+    for k in range(layout.num_shards):
+        write_shard(path, layout, k, [results[layout.images[j][0]] for j in layout.shard(k)])
+    finish(path, np.array([results[i].num_masks for i, _, _ in layout.images]))
+    return layout
+
+
+@pytest.fixture
+def proposals_images() -> dict[int, Proposals]:
+    rng = np.random.default_rng(2)
+    sizes = {7: (30, 41), 3: (24, 24), 11: (33, 17), 5: (30, 41), 9: (12, 20)}
+    counts = {7: 5, 3: 8, 11: 0, 5: 2, 9: 3}
+    return {
+        i: Proposals.from_masks(_blobs(rng, counts[i], *hw), predicted_iou=rng.random(counts[i]))
+        for i, hw in sizes.items()
+    }
+
+
+def test_store_round_trip(tmp_path, proposals_images):
+    path = tmp_path / "p.zarr"
+    _write_store(path, proposals_images, shard_images=2)
+    s = ProposalStore(path, expect=CONFIG)
+    assert s.image_ids.tolist() == [3, 5, 7, 9, 11]
+    assert s.backend == "test" and s.settings == {"a": 1, "b": 2}
+    for i, p in proposals_images.items():
+        assert s.num_masks(i) == len(p)
+        assert s.size(i) == p.masks.shape[1:]
+        assert torch.equal(s.masks(i), torch.from_numpy(p.masks))
+        np.testing.assert_array_equal(s.attrs(i), p.attrs())
+        if len(p) == 0:
+            continue
+        want = F.interpolate(torch.from_numpy(p.masks).float()[None], size=(16, 20), mode="nearest")[0] > 0.5
+        assert torch.equal(s.masks(i, size=(16, 20)), want)
+    assert s.masks(11, size=(8, 8)).shape == (0, 8, 8)
+    # few files: one per shard for the sharded arrays (none for a shard with no masks at
+    # all: the last one holds only image 11), one chunk for each small array
+    files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file())
+    assert [f for f in files if "/c/" in f] == [
+        "attrs/c/0/0/0",
+        "attrs/c/1/0/0",
+        "height/c/0",
+        "image_id/c/0",
+        "masks/c/0/0",
+        "masks/c/1/0",
+        "num_masks/c/0",
+        "width/c/0",
+    ]
+
+
+def test_empty_inner_chunks_are_not_stored(tmp_path, proposals_images):
+    """Rows are sized for max_masks masks of the largest image; the unused tail costs nothing."""
+    small = _write_store(tmp_path / "a.zarr", proposals_images, shard_images=5)
+    sizes = {i: p.masks.shape[1:] for i, p in proposals_images.items()}
+    layout = Layout.build(sizes, max_masks=64, shard_images=5, chunk_bytes=512)
+    create(tmp_path / "b.zarr", layout, CONFIG)
+    results = [ImageResult.from_proposals(proposals_images[i], 0, "sha") for i, _, _ in layout.images]
+    write_shard(tmp_path / "b.zarr", layout, 0, results)
+    size_a = (tmp_path / "a.zarr/masks/c/0/0").stat().st_size
+    size_b = (tmp_path / "b.zarr/masks/c/0/0").stat().st_size
+    assert layout.capacity > 6 * small.capacity
+    # only the shard index grows (16 bytes per inner chunk), not the data
+    index_growth = 16 * 5 * (layout.capacity - small.capacity) // 512
+    assert size_b - size_a <= index_growth
+
+
+def test_store_from_another_configuration_is_refused(tmp_path, proposals_images):
+    path = tmp_path / "p.zarr"
+    _write_store(path, proposals_images, shard_images=4)
+    with pytest.raises(SemiresError, match=r"settings"):
+        ProposalStore(path, expect={**CONFIG, "settings": {"a": 1, "b": 3}})
+    with pytest.raises(SemiresError, match="no proposals store"):
+        ProposalStore(tmp_path / "missing.zarr")
+    with pytest.raises(SemiresError, match="image 4 has no proposals"):
+        ProposalStore(path).masks(4)
+
+
+def test_scratch_round_trip(tmp_path, proposals_images):
+    scratch = Scratch(tmp_path / "s")
+    p = proposals_images[7]
+    scratch.save(7, ImageResult.from_proposals(p, 12, "abc"))
+    assert scratch.has(7) and not scratch.has(3)
+    r = scratch.load(7)
+    assert (r.num_masks, r.found, r.source_sha256) == (5, 12, "abc")
+    assert np.array_equal(unpack_masks(r.packed, r.num_masks, r.height, r.width), p.masks)
+    assert [f.name for f in (tmp_path / "s").iterdir()] == ["7.npz"]
