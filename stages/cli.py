@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from stages.burn_in import burn_in
+from stages.evaluate import evaluate
 from stages.extract import extract
 from stages.propose import propose
 from stages.split import split
@@ -21,6 +23,8 @@ app.command("synth")(synth)
 app.command("extract")(extract)
 app.command("split")(split)
 app.command("propose")(propose)
+app.command("burn-in")(burn_in)
+app.command("evaluate")(evaluate)
 
 if __name__ == "__main__":
     app()

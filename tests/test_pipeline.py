@@ -18,8 +18,10 @@ pytestmark = pytest.mark.e2e
 
 # Small enough for CI; every stage still runs its real code.
 SMALL = {
-    "synth": {"num_images": 60, "image_size": [64, 80]},
+    "synth": {"num_images": 40, "image_size": [64, 80]},
     "split": {"fractions": [10, 50]},
+    "burn_in": {"steps": 12, "batch_size": 4, "eval_every": 0, "checkpoint_every": 6, "log_every": 4},
+    "evaluate": {"batch_size": 16},
 }
 
 

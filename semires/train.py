@@ -1,0 +1,484 @@
+"""Training: the supervised step and loop (the burn-in), evaluation, and resumable checkpoints.
+
+The loop reads as a story — setup, batch, step, log, evaluate, save — and its parts stand on
+their own so the teacher-student loop can reuse them: :func:`make_optimizer` and
+:func:`poly_schedule`, :func:`segmentation_loss` (class- and optionally pixel-weighted),
+:func:`supervised_step`, :func:`evaluate`, :func:`save_checkpoint` / :func:`load_checkpoint`
+(model, optimiser, scheduler, step and every RNG, checked against the configuration that
+wrote them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from semires import distributed
+from semires.atomic import atomic_path
+from semires.data import ExpressionDataset, Sample, StepSampler
+from semires.errors import SemiresError
+from semires.metrics import intersection_union, iou, summarize
+from semires.model.build import ModelSpec, build_from_spec
+
+CHECKPOINT_FORMAT = "semires-lavt"
+CHECKPOINT_VERSION = 1
+_NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "position_embeddings")
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+# --- optimisation ---------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on normalisation layers and position biases/embeddings."""
+    no_decay_ids = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(module, _NORMS) or any(n in full for n in _NO_DECAY_NAMES):
+                no_decay_ids.add(id(p))
+    decay = [p for p in model.parameters() if p.requires_grad and id(p) not in no_decay_ids]
+    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) in no_decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+
+
+def poly_factor(step: int, total_steps: int, power: float) -> float:
+    """The learning-rate factor of step ``step`` (0-based): ``(1 - step / (total - 1)) ** power``.
+
+    1 at the first step and exactly 0 at the last one (``total_steps - 1``).
+    """
+    if total_steps <= 1:
+        return 1.0
+    return max(0.0, 1.0 - min(step, total_steps - 1) / (total_steps - 1)) ** power
+
+
+def poly_schedule(optimizer: torch.optim.Optimizer, *, total_steps: int, power: float):
+    """Polynomial decay stepped once per training step (``scheduler.step()`` after each)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_factor(s, total_steps, power))
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weights: Sequence[float],
+    pixel_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Class-weighted cross-entropy, optionally times per-pixel weights.
+
+    ``logits`` B x 2 x H x W, ``target`` B x H x W int64, ``pixel_weights`` B x H x W or None.
+    Without pixel weights this is ``F.cross_entropy(weight=class_weights)`` (the weighted
+    mean); with them, each pixel's term is also scaled by its weight, same normaliser.
+    """
+    w = torch.tensor(class_weights, dtype=torch.float32, device=logits.device)
+    if pixel_weights is None:
+        return F.cross_entropy(logits.float(), target, weight=w)
+    per_pixel = F.cross_entropy(logits.float(), target, weight=w, reduction="none")
+    return (per_pixel * pixel_weights).sum() / w[target].sum()
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing on CPU (full precision keeps CPU runs exact)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: Sample, device: torch.device) -> Sample:
+    return batch._replace(
+        image=batch.image.to(device, non_blocking=True),
+        mask=batch.mask.to(device, non_blocking=True),
+        input_ids=batch.input_ids.to(device, non_blocking=True),
+        attention_mask=batch.attention_mask.to(device, non_blocking=True),
+    )
+
+
+def supervised_step(
+    model: nn.Module,
+    batch: Sample,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    class_weights: Sequence[float],
+    device: torch.device,
+) -> float:
+    """One optimisation step on a labeled batch; returns the loss."""
+    batch = to_device(batch, device)
+    with autocast(device):
+        logits = model(batch.image, batch.input_ids, batch.attention_mask)
+    loss = segmentation_loss(logits, batch.mask, class_weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpressionResult:
+    ref_id: int
+    sent_id: int
+    image_id: int
+    sentence: str
+    inter: int
+    union: int
+    iou: float
+
+
+@dataclass
+class Evaluation:
+    results: list[ExpressionResult]
+    metrics: dict[str, float]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: ExpressionDataset,
+    *,
+    device: torch.device,
+    batch_size: int = 16,
+    resolution: str = "input",
+    num_workers: int = 0,
+) -> Evaluation:
+    """Every expression of ``dataset``: IoU of the argmax mask, and the split's metrics.
+
+    ``resolution="input"`` compares at the model's input size against the ground truth
+    resized nearest (LAVT's protocol); ``"original"`` upsamples the logits (bilinear) to each
+    image's own size and compares with the full-resolution mask.
+    """
+    if resolution not in ("input", "original"):
+        raise ValueError(f"resolution must be 'input' or 'original', not {resolution!r}")
+    was_training = model.training
+    model.eval()
+    # Its own generator: starting a DataLoader draws a seed, which must not move the global RNG.
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator()
+    )
+    results: list[ExpressionResult] = []
+    try:
+        for batch in loader:
+            b = to_device(batch, device)
+            with autocast(device):
+                logits = model(b.image, b.input_ids, b.attention_mask).float()
+            if resolution == "input":
+                inter, union = intersection_union(logits.argmax(1), b.mask.bool())
+            else:
+                pairs = []
+                for k, idx in enumerate(batch.index.tolist()):
+                    gt = dataset.full_mask(idx).to(device)
+                    up = F.interpolate(logits[k : k + 1], size=gt.shape, mode="bilinear", align_corners=False)
+                    pairs.append(intersection_union(up.argmax(1), gt[None]))
+                inter = torch.cat([p[0] for p in pairs])
+                union = torch.cat([p[1] for p in pairs])
+            inter, union = inter.cpu(), union.cpu()
+            ious = iou(inter, union)
+            for k in range(len(inter)):
+                results.append(
+                    ExpressionResult(
+                        ref_id=int(batch.ref_id[k]),
+                        sent_id=int(batch.sent_id[k]),
+                        image_id=int(batch.image_id[k]),
+                        sentence=batch.sentence[k],
+                        inter=int(inter[k]),
+                        union=int(union[k]),
+                        iou=float(ious[k]),
+                    )
+                )
+    finally:
+        model.train(was_training)
+    inter = torch.tensor([r.inter for r in results], dtype=torch.long)
+    union = torch.tensor([r.union for r in results], dtype=torch.long)
+    return Evaluation(results, summarize(inter, union))
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from, as tensors and plain containers."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns; the training parts are None in a final checkpoint."""
+
+    spec: ModelSpec
+    model: dict[str, torch.Tensor]
+    step: int
+    run_key: str = ""
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (just ``[obj]`` without a process group)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    spec: ModelSpec,
+    model: nn.Module,
+    step: int,
+    run_key: str = "",
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    rng: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint atomically. ``run_key`` names the run's inputs (data, params) so a
+    resume from another run's checkpoint is refused; ``rng`` is e.g. ``{"ranks": [rng_state()]}``;
+    ``meta`` holds plain values only."""
+    obj: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "spec": spec.to_dict(),
+        "fingerprint": spec.fingerprint(),
+        "run_key": run_key,
+        "step": step,
+        "model": unwrap(model).state_dict(),
+        "meta": meta or {},
+    }
+    if optimizer is not None:
+        obj["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        obj["scheduler"] = scheduler.state_dict()
+    if rng is not None:
+        obj["rng"] = rng
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(
+    path: str | Path, *, expect_fingerprint: str | None = None, expect_run_key: str | None = None
+) -> Checkpoint:
+    """Read a checkpoint (``weights_only``), refusing one of another model or run."""
+    path = Path(path)
+    if not path.is_file():
+        raise SemiresError(f"{path}: checkpoint not found; run the stage that writes it (e.g. `dvc repro`)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SemiresError(f"{path}: not a readable checkpoint ({e}); delete it and retrain") from e
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise SemiresError(f"{path}: not a semires LAVT checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise SemiresError(
+            f"{path}: checkpoint version {obj.get('version')!r}, this semires reads "
+            f"{CHECKPOINT_VERSION}; retrain"
+        )
+    spec = ModelSpec.from_dict(obj["spec"])
+    if expect_fingerprint is not None and spec.fingerprint() != expect_fingerprint:
+        raise SemiresError(
+            f"{path}: written for another model configuration ({spec.config.name}, "
+            f"{spec.config.image_size}px, fingerprint {spec.fingerprint()} != {expect_fingerprint}); "
+            "delete it or restore the model.* params it was trained with"
+        )
+    if expect_run_key is not None and obj.get("run_key") != expect_run_key:
+        raise SemiresError(
+            f"{path}: written by a run with other inputs (data, split or training params); "
+            "delete it to start afresh"
+        )
+    return Checkpoint(
+        spec=spec,
+        model=obj["model"],
+        step=int(obj["step"]),
+        run_key=str(obj.get("run_key", "")),
+        optimizer=obj.get("optimizer"),
+        scheduler=obj.get("scheduler"),
+        rng=obj.get("rng"),
+        meta=dict(obj.get("meta", {})),
+    )
+
+
+def load_model(path: str | Path) -> tuple[ModelSpec, nn.Module, Checkpoint]:
+    """A trained model from a checkpoint, rebuilt from the spec it carries."""
+    ckpt = load_checkpoint(path)
+    model = build_from_spec(ckpt.spec)
+    try:
+        model.load_state_dict(ckpt.model)
+    except RuntimeError as e:
+        raise SemiresError(f"{path}: weights do not fit the model the checkpoint describes ({e})") from e
+    return ckpt.spec, model, ckpt
+
+
+# --- the supervised loop -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    steps: int
+    batch_size: int
+    lr: float = 5e-5
+    weight_decay: float = 1e-2
+    poly_power: float = 0.9
+    class_weights: tuple[float, float] = (0.9, 1.1)
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 50
+    seed: int = 0
+    num_workers: int = 0
+    eval_batch_size: int = 32
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    resumed_from: int
+    seconds: float
+    final_eval: Evaluation | None
+
+
+MetricsHook = Callable[[int, dict[str, float]], None]
+
+
+def train_supervised(
+    model: nn.Module,
+    spec: ModelSpec,
+    train_set: ExpressionDataset,
+    val_set: ExpressionDataset | None,
+    cfg: LoopConfig,
+    *,
+    scratch: str | Path,
+    run_key: str,
+    resume: bool = False,
+    dist_info: distributed.DistInfo | None = None,
+    on_metrics: MetricsHook | None = None,
+    stop_after: int | None = None,
+) -> LoopResult:
+    """Supervised training of ``model`` for ``cfg.steps`` steps on ``train_set``.
+
+    Rank 0 keeps a checkpoint with the full training state at ``scratch`` every
+    ``cfg.checkpoint_every`` steps; with ``resume`` a run continues from it exactly (same
+    batches, same RNG draws). ``on_metrics(step, {...})`` receives the train loss and lr every
+    ``cfg.log_every`` steps and the val metrics (``val/oIoU``...) at evaluation steps (rank 0).
+    ``stop_after`` ends the run early after that many steps (to test resuming).
+    """
+    # setup
+    info = dist_info or distributed.DistInfo(0, 1, 0, torch.device("cpu"))
+    device, scratch = info.device, Path(scratch)
+    torch.manual_seed(cfg.seed + info.rank)
+    model.to(device).train()
+    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
+    start = 0
+    if resume and scratch.is_file():
+        ckpt = load_checkpoint(scratch, expect_fingerprint=spec.fingerprint(), expect_run_key=run_key)
+        model.load_state_dict(ckpt.model)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        if ckpt.rng is not None:
+            ranks = ckpt.rng.get("ranks", [ckpt.rng])
+            # Each rank continues its own random stream; with another process count, exactness
+            # is lost anyway, so ranks reseed from theirs plus the rank.
+            set_rng_state(ranks[info.rank] if len(ranks) == info.world_size else ranks[0])
+            if len(ranks) != info.world_size:
+                torch.manual_seed(cfg.seed + 1000 * ckpt.step + info.rank)
+        start = ckpt.step
+    net = DistributedDataParallel(model) if info.world_size > 1 else model
+    sampler = StepSampler(
+        train_set,
+        batch_size=cfg.batch_size,
+        total_steps=cfg.steps,
+        seed=cfg.seed,
+        start_step=start,
+        rank=info.rank,
+        world_size=info.world_size,
+    )
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG for the model's own draws
+    )
+    t0, losses, final = time.perf_counter(), [], None
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+
+    def save(step: int) -> None:
+        states = _gather(rng_state())
+        if info.is_main:
+            save_checkpoint(
+                scratch, spec=spec, model=model, step=step, run_key=run_key,
+                optimizer=optimizer, scheduler=scheduler, rng={"ranks": states},
+            )  # fmt: skip
+
+    step = start
+    for batch in loader:
+        # batch, step
+        lr = optimizer.param_groups[0]["lr"]
+        losses.append(
+            supervised_step(net, batch, optimizer, scheduler, class_weights=cfg.class_weights, device=device)
+        )
+        step += 1
+        last = step == cfg.steps
+        # log
+        if on_metrics is not None and info.is_main and (step % cfg.log_every == 0 or last):
+            on_metrics(step, {"train/loss": float(np.mean(losses)), "train/lr": lr})
+            losses = []
+        # evaluate
+        if val_set is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+            if info.is_main:
+                final = evaluate(model, val_set, device=device, batch_size=cfg.eval_batch_size)
+                if on_metrics is not None:
+                    on_metrics(step, {f"val/{k}": v for k, v in final.metrics.items() if k != "count"})
+            distributed.barrier()
+        # save
+        if step == end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            save(step)
+            distributed.barrier()
+        if step == end:
+            break
+    if final is None and val_set is not None and step == cfg.steps and info.is_main:
+        final = evaluate(model, val_set, device=device, batch_size=cfg.eval_batch_size)  # resumed when done
+    return LoopResult(steps=step, resumed_from=start, seconds=time.perf_counter() - t0, final_eval=final)

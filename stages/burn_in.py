@@ -1,0 +1,278 @@
+"""Stage ``burn_in``: supervised LAVT training on the labeled images of one label fraction."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from semires import annotations, distributed
+from semires.atomic import atomic_path
+from semires.data import ExpressionDataset
+from semires.errors import SemiresError
+from semires.model.build import ModelConfig, ModelSpec, count_parameters, prepare, preset
+from semires.train import LoopConfig, save_checkpoint, train_supervised
+from stages.common import DEFAULT_PARAMS, ParamsOption, log, stage_command
+from stages.params import DatasetParams, check, section
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    """model.*: which LAVT and where its pretrained weights are (paper values by default)."""
+
+    preset: str = "paper"
+    image_size: int = 480
+    max_tokens: int = 20
+    swin_weights: str | None = None  # original Microsoft checkpoint (swin_base_..._22k.pth)
+    bert_dir: str | None = None  # a `save_pretrained` bert-base-uncased (model + tokenizer)
+    # Size overrides of the preset (null: the preset's own)
+    embed_dim: int | None = None
+    depths: tuple[int, int, int, int] | None = None
+    num_heads: tuple[int, int, int, int] | None = None
+    window_size: int | None = None
+    decoder_hidden: int | None = None
+    text_hidden: int | None = None
+    text_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        from semires.model.build import PRESETS
+
+        check(self.preset in PRESETS, "model.preset", self.preset, f"expected one of {', '.join(PRESETS)}")
+        check(
+            64 <= self.image_size <= 2048 and self.image_size % 32 == 0,
+            "model.image_size",
+            self.image_size,
+            "expected a multiple of 32 in [64, 2048] (Swin downsamples by 32)",
+        )
+        check(3 <= self.max_tokens <= 512, "model.max_tokens", self.max_tokens, "expected 3..512 tokens")
+        for key in ("embed_dim", "window_size", "decoder_hidden", "text_hidden", "text_layers"):
+            v = getattr(self, key)
+            check(v is None or v >= 1, f"model.{key}", v, "expected a positive integer or null")
+        for key in ("depths", "num_heads"):
+            v = getattr(self, key)
+            check(v is None or min(v) >= 1, f"model.{key}", v, "expected four positive integers or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class BurnInParams:
+    """burn_in.*: supervised training on the labeled images (paper values by default)."""
+
+    steps: int = 40000
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 1e-2
+    poly_power: float = 0.9
+    class_weights: tuple[float, float] = (0.9, 1.1)
+    log_every: int = 10
+    eval_every: int = 2000  # 0: validate only at the end
+    checkpoint_every: int = 500
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, "burn_in.steps", self.steps, "expected at least 1 step")
+        check(self.batch_size >= 1, "burn_in.batch_size", self.batch_size, "expected a positive batch size")
+        check(0 < self.lr < 1, "burn_in.lr", self.lr, "expected a learning rate in (0, 1), e.g. 5e-5")
+        check(
+            0 <= self.weight_decay < 1,
+            "burn_in.weight_decay",
+            self.weight_decay,
+            "expected a value in [0, 1)",
+        )
+        check(
+            self.poly_power > 0, "burn_in.poly_power", self.poly_power, "expected a positive power, e.g. 0.9"
+        )
+        check(
+            all(w > 0 for w in self.class_weights),
+            "burn_in.class_weights",
+            list(self.class_weights),
+            "expected two positive weights [background, object], e.g. [0.9, 1.1]",
+        )
+        for key in ("log_every", "checkpoint_every"):
+            check(
+                getattr(self, key) >= 1,
+                f"burn_in.{key}",
+                getattr(self, key),
+                "expected a positive step count",
+            )
+        check(
+            self.eval_every >= 0,
+            "burn_in.eval_every",
+            self.eval_every,
+            "expected 0 (end only) or a step count",
+        )
+        check(self.num_workers >= 0, "burn_in.num_workers", self.num_workers, "expected 0 or more workers")
+
+
+def model_config(p: ModelParams) -> ModelConfig:
+    """The preset named by model.preset with the size overrides of model.* applied."""
+    cfg = preset(p.preset, image_size=p.image_size, max_tokens=p.max_tokens)
+    swin = dataclasses.replace(
+        cfg.swin,
+        **{
+            k: v
+            for k, v in {
+                "embed_dim": p.embed_dim,
+                "depths": p.depths,
+                "num_heads": p.num_heads,
+                "window_size": p.window_size,
+            }.items()
+            if v is not None
+        },
+    )
+    text = cfg.text
+    if text is not None:
+        sizes = {"hidden_size": p.text_hidden, "num_layers": p.text_layers}
+        text = dataclasses.replace(text, **{k: v for k, v in sizes.items() if v is not None})
+    hidden = p.decoder_hidden if p.decoder_hidden is not None else cfg.decoder_hidden
+    return dataclasses.replace(cfg, swin=swin, text=text, decoder_hidden=hidden)
+
+
+def read_labeled(path: Path) -> tuple[float, list[int]]:
+    if not path.is_file():
+        raise SemiresError(f"{path}: split file not found; run `semires split` (dvc repro split) first")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        return float(obj["percent"]), [int(i) for i in obj["labeled"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise SemiresError(
+            f"{path}: not a split file of `semires split` ({e!r}); rerun the split stage"
+        ) from e
+
+
+def run_key(spec: ModelSpec, p: BurnInParams, labeled: list[int], anns_path: Path) -> str:
+    """Names the run's inputs: a resume continues only a run of the same model, data and params."""
+    h = hashlib.sha256()
+    h.update(spec.fingerprint().encode())
+    h.update(json.dumps(dataclasses.asdict(p), sort_keys=True).encode())
+    h.update(json.dumps(labeled).encode())
+    h.update(hashlib.md5(anns_path.read_bytes()).hexdigest().encode())
+    return h.hexdigest()[:16]
+
+
+@stage_command("burn-in")
+def burn_in(
+    split_path: Annotated[Path, typer.Option("--split", help="data/split/<fraction>.json of `split`.")],
+    out: Annotated[Path, typer.Option(help="Final checkpoint to write.")],
+    live_dir: Annotated[Path, typer.Option("--live", help="DVCLive folder (metrics.json, plots/).")],
+    anns_path: Annotated[Path, typer.Option("--anns", help="Annotation file from `extract`.")] = Path(
+        "data/anns.json"
+    ),
+    scratch_root: Annotated[
+        Path, typer.Option("--scratch", help="Where partial runs live (git- and DVC-ignored).")
+    ] = Path(".scratch/burn_in"),
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue a killed run of the same inputs if one is in --scratch."),
+    ] = False,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Train LAVT on the labeled refs of one label fraction (AdamW, poly decay, weighted CE)."""
+    distributed.relaunch_under_torchrun()
+    mp = section(params, "model", ModelParams)
+    bp = section(params, "burn_in", BurnInParams)
+    dp = section(params, "dataset", DatasetParams)
+    info = distributed.init()
+    try:
+        _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp, bp, dp)
+    finally:
+        distributed.shutdown()
+
+
+def _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp, bp, dp) -> None:
+    percent, labeled_ids = read_labeled(split_path)
+    anns = annotations.load(anns_path)
+    train_refs = anns.in_split("train")
+    labeled = set(labeled_ids)
+    refs = [r for r in train_refs if r.image_id in labeled]
+    corpus = [s for r in train_refs for s in r.sentences]  # the vocabulary: every train sentence
+    torch.manual_seed(bp.seed)  # the initial weights, like everything else, follow burn_in.seed
+    spec, model = prepare(model_config(mp), swin_weights=mp.swin_weights, bert_dir=mp.bert_dir, corpus=corpus)
+    key = run_key(spec, bp, labeled_ids, anns_path)
+    scratch = scratch_root / f"{split_path.stem}-{key}"
+    tok = spec.make_tokenizer()
+
+    def dataset(rs):
+        return ExpressionDataset(
+            rs, dp.image_dir, tok, image_size=spec.config.image_size, max_tokens=spec.config.max_tokens
+        )
+
+    val_refs = anns.in_split("val")
+    train_set, val_set = dataset(refs), (dataset(val_refs) if val_refs else None)
+    if info.is_main:
+        log(
+            "burn_in",
+            f"{percent:g}%: {len(refs)} labeled refs / {len(train_set)} expressions, "
+            f"{spec.config.name} LAVT {count_parameters(model) / 1e6:.2f} M parameters, "
+            f"{bp.steps} steps x {bp.batch_size} x {info.world_size} process(es) on {info.device}",
+        )
+    cfg = LoopConfig(
+        steps=bp.steps,
+        batch_size=bp.batch_size,
+        lr=bp.lr,
+        weight_decay=bp.weight_decay,
+        poly_power=bp.poly_power,
+        class_weights=bp.class_weights,
+        log_every=bp.log_every,
+        eval_every=bp.eval_every,
+        checkpoint_every=bp.checkpoint_every,
+        seed=bp.seed,
+        num_workers=bp.num_workers,
+    )
+    ckpt_path = scratch / "last.pt"
+    resuming = resume and ckpt_path.is_file()
+    live = None
+    if info.is_main:
+        from dvclive import Live
+
+        if not resuming:
+            shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True, exist_ok=True)
+        live = Live(str(scratch / "dvclive"), resume=resuming, save_dvc_exp=False, dvcyaml=False)
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        live.step = step
+        for k, v in metrics.items():
+            live.log_metric(k, v)
+        live.make_summary()
+        if "val/mIoU" in metrics:
+            log("burn_in", f"step {step}: val oIoU {metrics['val/oIoU']:.2f} mIoU {metrics['val/mIoU']:.2f}")
+        elif step % (10 * bp.log_every) == 0:
+            log("burn_in", f"step {step}: loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e}")
+
+    start = time.perf_counter()
+    result = train_supervised(
+        model,
+        spec,
+        train_set,
+        val_set,
+        cfg,
+        scratch=ckpt_path,
+        run_key=key,
+        resume=resume,
+        dist_info=info,
+        on_metrics=on_metrics if info.is_main else None,
+    )
+    if not info.is_main:
+        return
+    live.end()
+    val = result.final_eval.metrics if result.final_eval is not None else {}
+    meta = {"stage": "burn_in", "percent": percent, "steps": result.steps, "labeled_refs": len(refs)}
+    meta.update({f"val/{k}": float(v) for k, v in val.items()})
+    save_checkpoint(out, spec=spec, model=model, step=result.steps, run_key=key, meta=meta)
+    with atomic_path(live_dir, directory=True) as tmp:
+        shutil.copytree(scratch / "dvclive", tmp, dirs_exist_ok=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    log(
+        "burn_in",
+        f"{percent:g}%: {result.steps} steps in {time.perf_counter() - start:.1f} s{resumed}; "
+        f"val oIoU {val.get('oIoU', float('nan')):.2f} mIoU {val.get('mIoU', float('nan')):.2f} -> {out}",
+    )

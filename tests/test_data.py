@@ -1,0 +1,128 @@
+"""Datasets, the step sampler and augmentations, on a small synthetic dataset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from semires.data import (
+    ColourJitter,
+    Compose,
+    ExpressionDataset,
+    HorizontalFlip,
+    Sample,
+    StepSampler,
+    View,
+    swap_left_right,
+)
+from semires.errors import SemiresError
+from semires.model.text import TextTokenizer
+from semires.refer import read_refer
+from semires.synth import SynthOptions, write_dataset
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refer")
+    write_dataset(root, SynthOptions(num_images=12, seed=3))
+    anns = read_refer(root, "synthref", "unc")
+    tok = TextTokenizer.build_wordpiece([s for r in anns.refs for s in r.sentences])
+    return anns, root / "images" / "synthref", tok
+
+
+def make(synth, refs=None, **kw) -> ExpressionDataset:
+    anns, image_dir, tok = synth
+    return ExpressionDataset(
+        anns.refs if refs is None else refs, image_dir, tok, image_size=32, max_tokens=12, **kw
+    )
+
+
+def test_every_expression_is_an_item(synth):
+    ds = make(synth)
+    anns = synth[0]
+    assert len(ds) == sum(len(r.sentences) for r in anns.refs)
+    seen = {(ds[i].ref_id, ds[i].sent_id) for i in range(len(ds))}
+    assert seen == {(r.ref_id, s) for r in anns.refs for s in r.sent_ids}
+
+
+def test_sample_fields_and_collation(synth):
+    ds = make(synth)
+    s = ds[0]
+    assert s.image.shape == (3, 32, 32) and s.image.dtype == torch.float32
+    assert s.image.min() >= 0 and s.image.max() <= 1  # not normalised: the model does that
+    assert s.mask.shape == (32, 32) and set(s.mask.unique().tolist()) <= {0, 1}
+    assert s.input_ids.shape == s.attention_mask.shape == (12,)
+    batch = next(iter(DataLoader(ds, batch_size=3)))
+    assert isinstance(batch, Sample) and batch.image.shape == (3, 3, 32, 32) and len(batch.sentence) == 3
+
+
+def test_mask_is_resized_nearest_from_the_ref(synth):
+    ds = make(synth)
+    ref = ds.refs[0]
+    full = torch.from_numpy(ref.decode_mask())
+    rows = (torch.arange(32) * ref.height / 32).floor().long()  # nearest: floor(dst * scale)
+    cols = (torch.arange(32) * ref.width / 32).floor().long()
+    assert torch.equal(ds[0].mask.bool(), full[rows][:, cols])
+    assert torch.equal(ds.full_mask(0), full)
+
+
+def test_step_sampler_is_a_function_of_seed_and_step(synth):
+    ds = make(synth)
+    a = list(StepSampler(ds, batch_size=4, total_steps=10, seed=1))
+    b = list(StepSampler(ds, batch_size=4, total_steps=10, seed=1, start_step=6))
+    assert a[24:] == b  # resuming at step 6 yields the same keys as the uninterrupted run
+    assert a != list(StepSampler(ds, batch_size=4, total_steps=10, seed=2))
+
+
+def test_step_sampler_covers_every_ref_each_epoch_and_splits_ranks(synth):
+    ds = make(synth)
+    n = len(ds.refs)
+    keys = list(StepSampler(ds, batch_size=n, total_steps=1, seed=0))
+    assert sorted(ds.pairs[k][0] for k, _ in keys) == list(range(n))
+    r0 = list(StepSampler(ds, batch_size=2, total_steps=3, seed=0, rank=0, world_size=2))
+    r1 = list(StepSampler(ds, batch_size=2, total_steps=3, seed=0, rank=1, world_size=2))
+    both = list(StepSampler(ds, batch_size=4, total_steps=3, seed=0))
+    for step in range(3):
+        assert r0[2 * step : 2 * step + 2] + r1[2 * step : 2 * step + 2] == both[4 * step : 4 * step + 4]
+
+
+def test_sampler_draws_different_sentences_of_a_ref(synth):
+    ds = make(synth)
+    multi = [i for i, r in enumerate(ds.refs) if len(r.sentences) > 1]
+    assert multi
+    keys = list(StepSampler(ds, batch_size=len(ds.refs), total_steps=40, seed=0))
+    sents = {ds.pairs[k][1] for k, _ in keys if ds.pairs[k][0] == multi[0]}
+    assert len(sents) > 1
+
+
+def test_no_labeled_refs_is_a_clear_error(synth):
+    ds = make(synth, refs=[])
+    with pytest.raises(SemiresError, match="no labeled refs"):
+        StepSampler(ds, batch_size=2, total_steps=2, seed=0)
+
+
+def test_flip_swaps_left_and_right_and_moves_masks_with_the_image():
+    assert swap_left_right("the shape left of the leftmost circle on the right") == (
+        "the shape right of the rightmost circle on the left"
+    )
+    img = torch.rand(3, 4, 5)
+    view = View(img, {"gt": torch.eye(4, 5), "proposals": torch.rand(2, 4, 5)}, "the left square")
+    out = HorizontalFlip(p=1.0)(view, torch.Generator().manual_seed(0))
+    assert torch.equal(out.image, img.flip(-1)) and out.sentence == "the right square"
+    assert all(torch.equal(out.masks[k], view.masks[k].flip(-1)) for k in view.masks)
+
+
+def test_augmentation_is_seeded_by_the_sampler_key(synth):
+    ds = make(synth, transform=Compose([HorizontalFlip(0.5), ColourJitter()]))
+    a, b = ds[(0, 123)], ds[(0, 123)]
+    assert torch.equal(a.image, b.image) and a.sentence == b.sentence
+    images = {tuple(ds[(0, s)].image.flatten()[:5].tolist()) for s in range(5)}
+    assert len(images) > 1
+
+
+def test_missing_image_names_the_file(synth, tmp_path):
+    anns, _, tok = synth
+    ds = ExpressionDataset(anns.refs, tmp_path, tok, image_size=32, max_tokens=12)
+    with pytest.raises(SemiresError, match=r"image not found; check dataset.image_dir"):
+        ds[0]

@@ -1,0 +1,104 @@
+"""The burn-in and evaluate commands through typer's runner, on a small synthetic project."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from semires import annotations
+from semires.atomic import write_json
+from semires.refer import read_refer
+from semires.split import random_split
+from semires.synth import SynthOptions, write_dataset
+from stages.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    write_dataset(root / "refer", SynthOptions(num_images=16, seed=7))
+    anns = read_refer(root / "refer", "synthref", "unc")
+    annotations.save(root / "anns.json", anns)
+    write_json(root / "split" / "50.json", random_split(anns.image_ids("train"), 50, 0).to_json(anns))
+    params = {
+        "dataset": {"image_dir": str(root / "refer" / "images" / "synthref")},
+        "model": {"preset": "tiny", "image_size": 64},
+        "burn_in": {
+            "steps": 4,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "log_every": 2,
+            "eval_every": 0,
+            "checkpoint_every": 2,
+        },
+        "evaluate": {"batch_size": 8},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root, anns
+
+
+def burn_in_args(root, params="params.yaml"):
+    return [
+        "burn-in", "--split", str(root / "split" / "50.json"), "--anns", str(root / "anns.json"),
+        "--out", str(root / "burn_in" / "model.pt"), "--live", str(root / "burn_in" / "dvclive"),
+        "--scratch", str(root / "scratch"), "--params", str(root / params), "--resume",
+    ]  # fmt: skip
+
+
+def evaluate_args(root, checkpoint):
+    return [
+        "evaluate", "--checkpoint", str(checkpoint), "--name", "burn_in/50",
+        "--anns", str(root / "anns.json"),
+        "--metrics", str(root / "eval" / "metrics.json"), "--results", str(root / "eval" / "results.jsonl"),
+        "--params", str(root / "params.yaml"),
+    ]  # fmt: skip
+
+
+def test_burn_in_then_evaluate(project):
+    root, anns = project
+    res = runner.invoke(app, burn_in_args(root))
+    assert res.exit_code == 0, res.output
+    assert (root / "burn_in" / "model.pt").is_file()
+    live = json.loads((root / "burn_in" / "dvclive" / "metrics.json").read_text())
+    assert live["step"] == 4 and {"loss", "lr"} <= set(live["train"]) and "mIoU" in live["val"]
+    assert (root / "burn_in" / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    assert not any((root / "scratch").iterdir())  # a finished run leaves no scratch behind
+    assert not (root / "burn_in" / "dvc.yaml").exists()
+
+    res = runner.invoke(app, evaluate_args(root, root / "burn_in" / "model.pt"))
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    splits = [s for s in anns.splits() if s != "train"]
+    assert list(metrics) == ["burn_in/50"] and list(metrics["burn_in/50"]) == splits
+    assert {"oIoU", "mIoU", "prec@0.5", "prec@0.9"} <= set(metrics["burn_in/50"][splits[0]])
+    rows = [json.loads(line) for line in (root / "eval" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == sum(len(r.sentences) for r in anns.refs if r.split != "train")
+    assert {"model", "split", "ref_id", "sent_id", "sentence", "I", "U", "IoU"} <= set(rows[0])
+
+
+def test_bad_params_value_names_the_key(project, tmp_path):
+    root, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["burn_in"]["lr"] = 5
+    (root / "bad.yaml").write_text(yaml.safe_dump(params))
+    res = runner.invoke(app, burn_in_args(root, "bad.yaml"))
+    assert res.exit_code == 2 and "burn_in.lr" in res.output
+
+
+def test_missing_split_file_is_one_clear_line(project):
+    root, _ = project
+    args = burn_in_args(root)
+    args[args.index("--split") + 1] = str(root / "split" / "7.json")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "7.json: split file not found" in res.output
+
+
+def test_evaluating_a_missing_checkpoint_is_one_clear_line(project):
+    root, _ = project
+    res = runner.invoke(app, evaluate_args(root, root / "none.pt"))
+    assert res.exit_code == 2 and "none.pt: checkpoint not found" in res.output
