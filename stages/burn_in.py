@@ -19,7 +19,7 @@ from semires.data import ExpressionDataset
 from semires.errors import SemiresError
 from semires.model.build import ModelConfig, ModelSpec, count_parameters, prepare, preset
 from semires.train import LoopConfig, save_checkpoint, train_supervised
-from stages.common import DEFAULT_PARAMS, ParamsOption, log, stage_command
+from stages.common import DEFAULT_PARAMS, ParamsOption, log, open_live, stage_command
 from stages.params import DatasetParams, check, section
 
 
@@ -230,12 +230,10 @@ def _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp,
     resuming = resume and ckpt_path.is_file()
     live = None
     if info.is_main:
-        from dvclive import Live
-
         if not resuming:
             shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True, exist_ok=True)
-        live = Live(str(scratch / "dvclive"), resume=resuming, save_dvc_exp=False, dvcyaml=False)
+        live = open_live(scratch / "dvclive", resume=resuming)
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         live.step = step

@@ -38,3 +38,25 @@ def stage_command(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 
 def log(stage: str, message: str) -> None:
     print(f"[{stage}] {message}", flush=True)
+
+
+def open_live(directory: Path, *, resume: bool):
+    """A DVCLive logger writing metrics and plots to ``directory`` (no dvc.yaml, no experiment).
+
+    DVCLive 3 reads the git HEAD when it starts and fails in a repository without a commit
+    yet (a fresh ``git init``); metrics are still worth writing there, so it then logs to
+    files only.
+    """
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    class _Live(Live):
+        def _init_dvc(self) -> None:
+            try:
+                super()._init_dvc()
+            except SCMError:  # no commit: nothing to compare with or save an experiment to
+                self._dvc_repo = None
+                self._save_dvc_exp = False
+                self._dvc_file = self._init_dvc_file()
+
+    return _Live(str(directory), resume=resume, save_dvc_exp=False, dvcyaml=False)
