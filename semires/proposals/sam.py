@@ -154,7 +154,20 @@ def load_sam(
     return model.eval()
 
 
-class SamBackend:
+class AutomaticMaskBackend:
+    """A backend around an automatic mask generator (SAM's or SAM 2's): one ``generate``
+    call per image, counted in ``calls``."""
+
+    generator: Any
+    calls: int = 0
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray) -> Proposals:
+        self.calls += 1
+        return records_to_proposals(self.generator.generate(image), image.shape[:2])
+
+
+class SamBackend(AutomaticMaskBackend):
     """``SamAutomaticMaskGenerator`` over a checked checkpoint, on ``device``."""
 
     name = NAME
@@ -185,11 +198,6 @@ class SamBackend:
             "checkpoint_sha256": self.sha256,
             "settings": dict(sorted(asdict(self.settings).items())),
         }
-
-    @torch.inference_mode()
-    def __call__(self, image: np.ndarray) -> Proposals:
-        self.calls += 1
-        return records_to_proposals(self.generator.generate(image), image.shape[:2])
 
 
 def records_to_proposals(records: list[dict[str, Any]], size: tuple[int, int]) -> Proposals:

@@ -13,12 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from semires.errors import SemiresError
-from semires.proposals.base import Proposals, file_sha256
-from semires.proposals.sam import read_checkpoint, records_to_proposals
+from semires.proposals.base import file_sha256
+from semires.proposals.sam import AutomaticMaskBackend, read_checkpoint
 
 NAME = "sam2"
 
@@ -54,7 +53,7 @@ def _import_sam2() -> Any:
     return build_sam, automatic_mask_generator
 
 
-class Sam2Backend:
+class Sam2Backend(AutomaticMaskBackend):
     """``SAM2AutomaticMaskGenerator`` for model config ``config`` and ``checkpoint``."""
 
     name = NAME
@@ -101,8 +100,3 @@ class Sam2Backend:
             "checkpoint_sha256": self.sha256,
             "settings": dict(sorted(asdict(self.settings).items())),
         }
-
-    @torch.inference_mode()
-    def __call__(self, image: np.ndarray) -> Proposals:
-        self.calls += 1
-        return records_to_proposals(self.generator.generate(image), image.shape[:2])
