@@ -35,6 +35,7 @@ from semires.errors import SemiresError
 
 FORMAT = "semires-annotations"
 VERSION = 1
+IMAGES_FORMAT = "semires-images"
 
 
 @dataclass(frozen=True)
@@ -196,3 +197,39 @@ def _from_json(d: Mapping[str, Any]) -> RefRecord:
 def split_summary(anns: Annotations) -> dict[str, dict[str, int]]:
     """``{split: {"images": .., "refs": .., "sentences": ..}}`` for printing and metrics."""
     return {s: asdict(c) for s, c in anns.counts_by_split().items()}
+
+
+def save_images(path: str | Path, anns: Annotations, split: str) -> None:
+    """Write the images of ``split`` (id, file name, height, width; sorted by id) atomically.
+
+    A stage that needs the image set only (the mask proposals) depends on this file instead
+    of the whole annotation file, so a change to sentences or masks does not rerun it.
+    """
+    images = anns.images(split)
+    doc = {
+        "format": IMAGES_FORMAT,
+        "version": VERSION,
+        "dataset": anns.dataset,
+        "split_by": anns.split_by,
+        "split": split,
+        "images": [[i, *images[i]] for i in sorted(images)],
+    }
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc) + "\n", encoding="utf-8")
+
+
+def load_images(path: str | Path) -> tuple[str, dict[int, tuple[str, int, int]]]:
+    """``(dataset, {image_id: (file_name, height, width)})`` from a file of :func:`save_images`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SemiresError(f"{path}: image list not found; run `semires extract` (dvc repro extract) first")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if obj.get("format") != IMAGES_FORMAT or obj.get("version") != VERSION:
+            raise ValueError(f"format {obj.get('format')!r} version {obj.get('version')!r}")
+        images = {int(i): (str(f), int(h), int(w)) for i, f, h, w in obj["images"]}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SemiresError(
+            f"{path}: not a semires image list ({e}); rebuild it with `semires extract`"
+        ) from e
+    return str(obj["dataset"]), images

@@ -17,6 +17,9 @@ from stages.params import DatasetParams, section
 @stage_command("extract")
 def extract(
     out: Annotated[Path, typer.Option(help="Annotation file to write.")] = Path("data/anns.json"),
+    images: Annotated[
+        Path, typer.Option("--images", help="Train image list to write (what `propose` reads).")
+    ] = Path("data/train_images.json"),
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Read the dataset's REFER files and write every ref with its sentences and mask."""
@@ -24,6 +27,7 @@ def extract(
     start = time.perf_counter()
     anns = read_refer(p.refer_root, p.name, p.split_by)
     annotations.save(out, anns)
+    annotations.save_images(images, anns, "train")
     log("extract", f"{p.name}({p.split_by}) -> {out} ({time.perf_counter() - start:.1f} s)")
     for split, c in anns.counts_by_split().items():
         log("extract", f"  {split:>6}: {c.images:6d} images {c.refs:7d} refs {c.sentences:7d} sentences")

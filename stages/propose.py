@@ -171,8 +171,8 @@ def _run_key(config: dict[str, Any], layout: Layout, files: dict[int, str]) -> s
 
 @stage_command("propose")
 def propose(
-    anns_path: Annotated[Path, typer.Option("--anns", help="Annotation file from `extract`.")] = Path(
-        "data/anns.json"
+    images_path: Annotated[Path, typer.Option("--images", help="Train image list from `extract`.")] = Path(
+        "data/train_images.json"
     ),
     out: Annotated[Path, typer.Option(help="The zarr store to write.")] = Path("data/proposals.zarr"),
     scratch: Annotated[
@@ -183,20 +183,21 @@ def propose(
     """Run the proposal backend on every train image (SEMIRES_NPROC processes) into one store."""
     p = section(params, "proposals", ProposalsParams)
     d = section(params, "dataset", DatasetParams)
-    anns = annotations.load(anns_path)
+    dataset, images = annotations.load_images(images_path)
     distributed.relaunch_under_torchrun()
     info = distributed.init()
     if info.device.type == "cpu" and info.world_size > 1:  # share the cores, do not oversubscribe
         local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
-        _propose(anns, p, Path(d.image_dir), out, scratch, info)
+        _propose(dataset, images, p, Path(d.image_dir), out, scratch, info)
     finally:
         distributed.shutdown()
 
 
 def _propose(
-    anns: annotations.Annotations,
+    dataset: str,
+    images: dict[int, tuple[str, int, int]],
     p: ProposalsParams,
     image_dir: Path,
     out: Path,
@@ -205,9 +206,8 @@ def _propose(
 ) -> None:
     start = time.perf_counter()
     main = info.is_main
-    images = anns.images("train")
     if not images:
-        raise SemiresError(f"{anns.dataset}: the annotations hold no train images to propose masks for")
+        raise SemiresError(f"{dataset}: the annotations hold no train images to propose masks for")
     files = {i: f for i, (f, _, _) in images.items()}
     layout = Layout.build({i: (h, w) for i, (_, h, w) in images.items()}, p.max_masks, p.shard_images)
 

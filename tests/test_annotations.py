@@ -62,3 +62,16 @@ def test_file_is_one_ref_per_line(tmp_path, synth_anns):
     lines = path.read_text().splitlines()
     assert len(lines) == len(synth_anns.refs) + 2
     assert json.loads(path.read_text())["dataset"] == "synthref"
+
+
+def test_image_list_round_trip_and_bad_files(tmp_path, synth_anns):
+    path = tmp_path / "train_images.json"
+    annotations.save_images(path, synth_anns, "train")
+    dataset, images = annotations.load_images(path)
+    assert dataset == "synthref" and images == synth_anns.images("train")
+    assert list(images) == sorted(images)
+    path.write_text('{"format": "semires-annotations"}')
+    with pytest.raises(SemiresError, match="not a semires image list"):
+        annotations.load_images(path)
+    with pytest.raises(SemiresError, match="image list not found"):
+        annotations.load_images(tmp_path / "nope.json")

@@ -48,7 +48,9 @@ def proposals_project(tmp_path_factory) -> Path:
     """A synthetic dataset, its annotation file and a params file (offline backend)."""
     root = tmp_path_factory.mktemp("propose")
     write_dataset(root, SynthOptions(num_images=16, seed=5))
-    annotations.save(root / "anns.json", read_refer(root, "synthref", "unc"))
+    anns = read_refer(root, "synthref", "unc")
+    annotations.save(root / "anns.json", anns)
+    annotations.save_images(root / "train_images.json", anns, "train")
     (root / "params.yaml").write_text(_params(root, root / "images/synthref").read_text())
     return root
 
@@ -56,8 +58,8 @@ def proposals_project(tmp_path_factory) -> Path:
 def _args(root: Path, out: Path, scratch: Path, params: Path | None = None) -> list[str]:
     return [
         "propose",
-        "--anns",
-        str(root / "anns.json"),
+        "--images",
+        str(root / "train_images.json"),
         "--out",
         str(out),
         "--scratch",
