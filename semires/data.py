@@ -22,11 +22,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from semires.annotations import RefRecord
 from semires.errors import SemiresError
+from semires.images import read_rgb
 from semires.model.text import TextTokenizer
 
 
@@ -125,14 +125,8 @@ class ColourJitter:
 
 def load_image(path: Path) -> torch.Tensor:
     """``3 x H x W`` float in [0, 1]; a missing or broken file is a :class:`SemiresError`."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise SemiresError(f"{path}: image not found; check dataset.image_dir in params.yaml") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise SemiresError(f"{path}: not a readable image ({e}); restore or re-extract it") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+    image, _ = read_rgb(path)
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
 
 
 def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:

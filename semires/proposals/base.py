@@ -7,16 +7,14 @@ mask generation"). The masks may overlap; each carries the scores its backend re
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from semires.errors import SemiresError
+from semires.images import read_rgb
 
 ATTR_FIELDS = ("predicted_iou", "stability_score", "area", "x", "y", "w", "h")
 
@@ -153,16 +151,5 @@ def file_sha256(path: str | os.PathLike) -> str:
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
     """``(H x W x 3 uint8 RGB, sha256 of the file)``; a missing or undecodable file is a
     :class:`SemiresError` naming it."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SemiresError(f"{path}: cannot read image ({e.strerror}); check dataset.image_dir") from e
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            image = np.array(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise SemiresError(
-            f"{path}: not a readable image ({e}); replace the file and rerun (finished images are kept)"
-        ) from e
+    image, data = read_rgb(path)
     return image, hashlib.sha256(data).hexdigest()
