@@ -249,9 +249,10 @@ class Checkpoint:
     scheduler: dict[str, Any] | None = None
     rng: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    teacher: dict[str, torch.Tensor] | None = None  # the EMA teacher of a teacher-student run
 
 
-def _gather(obj: Any) -> list[Any]:
+def gather_objects(obj: Any) -> list[Any]:
     """``obj`` of every rank, in rank order (just ``[obj]`` without a process group)."""
     if not torch.distributed.is_initialized():
         return [obj]
@@ -275,10 +276,11 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     rng: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    teacher: nn.Module | None = None,
 ) -> None:
     """Write a checkpoint atomically. ``run_key`` names the run's inputs (data, params) so a
     resume from another run's checkpoint is refused; ``rng`` is e.g. ``{"ranks": [rng_state()]}``;
-    ``meta`` holds plain values only."""
+    ``meta`` holds plain values only; ``teacher`` is a teacher-student run's EMA teacher."""
     obj: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -295,6 +297,8 @@ def save_checkpoint(
         obj["scheduler"] = scheduler.state_dict()
     if rng is not None:
         obj["rng"] = rng
+    if teacher is not None:
+        obj["teacher"] = unwrap(teacher).state_dict()
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -338,6 +342,7 @@ def load_checkpoint(
         scheduler=obj.get("scheduler"),
         rng=obj.get("rng"),
         meta=dict(obj.get("meta", {})),
+        teacher=obj.get("teacher"),
     )
 
 
@@ -446,7 +451,7 @@ def train_supervised(
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
     def save(step: int) -> None:
-        states = _gather(rng_state())
+        states = gather_objects(rng_state())
         if info.is_main:
             save_checkpoint(
                 scratch, spec=spec, model=model, step=step, run_key=run_key,

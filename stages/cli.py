@@ -10,6 +10,7 @@ from stages.extract import extract
 from stages.propose import propose
 from stages.split import split
 from stages.synth import synth
+from stages.train_semi import train_semi_command
 
 app = typer.Typer(
     name="semires",
@@ -24,6 +25,7 @@ app.command("extract")(extract)
 app.command("split")(split)
 app.command("propose")(propose)
 app.command("burn-in")(burn_in)
+app.command("train-semi")(train_semi_command)
 app.command("evaluate")(evaluate)
 
 if __name__ == "__main__":

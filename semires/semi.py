@@ -1,0 +1,518 @@
+"""Teacher-student training on unlabeled images with SAM-refined pseudo-labels.
+
+Per step: the EMA teacher labels a batch of unlabeled expressions from their *weak* view
+(resized, maybe flipped); :func:`semires.refine.refine` repairs the labels with the image's
+proposals, moved by the same flip; the student learns from the labeled batch and, on the
+*strong* view (the weak one plus colour jitter, applied to the raw image before the
+model normalises it), from the repaired labels::
+
+    loss = supervised + unsup_weight * unsupervised
+
+and the teacher moves towards the student (:func:`semires.ema.ema_update`). The
+unsupervised term is the public code's: matched samples get the class-weighted
+cross-entropy of their refined label, unmatched ones the cross-entropy times their PWA
+weights (mean over their pixels), and the two are averaged over the groups present in
+the batch. Counts stay tensors: nothing reads back to the host inside a step.
+
+The hidden ground truth of the unlabeled expressions rides along for diagnostics only
+(:func:`pseudo_label_quality`, the per-step pseudo-label IoU); no loss ever reads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from semires import distributed
+from semires.annotations import RefRecord
+from semires.data import ExpressionDataset, Sample, StepSampler, Transform, View, resize_mask
+from semires.ema import ema_update
+from semires.errors import SemiresError
+from semires.metrics import intersection_union, iou
+from semires.model.build import ModelSpec
+from semires.model.text import TextTokenizer
+from semires.proposals.store import ProposalStore
+from semires.refine import RefineConfig, Refined, refine
+from semires.train import (
+    Evaluation,
+    LoopResult,
+    autocast,
+    evaluate,
+    gather_objects,
+    load_checkpoint,
+    make_optimizer,
+    poly_schedule,
+    rng_state,
+    save_checkpoint,
+    segmentation_loss,
+    set_rng_state,
+    to_device,
+    unwrap,
+)
+
+# --- data ----------------------------------------------------------------------------------
+
+
+class UnlabeledSample(NamedTuple):
+    """One unlabeled expression (batched by :func:`collate_unlabeled`: a leading ``B``).
+
+    ``proposals`` is ``N x S x S`` bool per sample; in a batch ``B x Nmax x S x S`` padded
+    with empty masks, ``valid`` (``B x Nmax``) marking the real ones.
+    """
+
+    weak: torch.Tensor  # 3 x S x S in [0, 1]: what the teacher sees
+    strong: torch.Tensor  # 3 x S x S in [0, 1]: the weak view, colour-jittered, for the student
+    proposals: torch.Tensor
+    valid: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    gt: torch.Tensor  # S x S int64: hidden truth, diagnostics only
+    index: int
+    ref_id: int
+    sent_id: int
+    image_id: int
+    sentence: str
+
+
+class UnlabeledDataset(ExpressionDataset):
+    """Every expression of the unlabeled refs, with its image's proposals at the input size.
+
+    ``geometric`` moves image, hidden ground truth and proposals together (and may rewrite
+    the sentence, e.g. a flip swaps left and right); ``photometric`` then makes the strong
+    view from the weak one. Proposals are cached per image, bit-packed, at the input size.
+    """
+
+    def __init__(
+        self,
+        refs: Sequence[RefRecord],
+        image_dir: str | Path,
+        tokenizer: TextTokenizer,
+        proposals: str | Path | ProposalStore,
+        *,
+        image_size: int,
+        max_tokens: int,
+        geometric: Transform | None = None,
+        photometric: Transform | None = None,
+        cache_images: bool = True,
+    ) -> None:
+        super().__init__(
+            refs,
+            image_dir,
+            tokenizer,
+            image_size=image_size,
+            max_tokens=max_tokens,
+            cache_images=cache_images,
+        )
+        self.store = proposals if isinstance(proposals, ProposalStore) else ProposalStore(proposals)
+        missing = sorted({r.image_id for r in self.refs if r.image_id not in self.store})
+        if missing:
+            raise SemiresError(
+                f"{self.store.path}: no proposals for {len(missing)} unlabeled image(s) (e.g. image "
+                f"{missing[0]}); the store was built for another image set: rerun `semires propose`"
+            )
+        self.geometric = geometric
+        self.photometric = photometric
+        self._props: dict[int, tuple[np.ndarray, int]] = {}
+
+    def proposals(self, image_id: int) -> torch.Tensor:
+        """The image's proposals, ``N x S x S`` bool (nearest-resized, as the masks)."""
+        s = self.image_size
+        hit = self._props.get(image_id)
+        if hit is None:
+            m = self.store.masks(image_id, size=(s, s)).numpy()
+            hit = (np.packbits(m, axis=-1), m.shape[0])
+            self._props[image_id] = hit
+        packed, n = hit
+        return torch.from_numpy(np.unpackbits(packed, axis=-1, count=s).astype(bool).reshape(n, s, s))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> UnlabeledSample:  # type: ignore[override]
+        index, seed = (key, None) if isinstance(key, int) else key
+        r, s = self.pairs[index]
+        ref = self.refs[r]
+        gt = resize_mask(torch.from_numpy(ref.decode_mask()).to(torch.uint8), self.image_size)
+        view = View(
+            image=self.image(ref),
+            masks={"gt": gt, "proposals": self.proposals(ref.image_id)},
+            sentence=ref.sentences[s],
+        )
+        gen = torch.Generator().manual_seed(int(seed) if seed is not None else index)
+        if self.geometric is not None:
+            view = self.geometric(view, gen)
+        strong = self.photometric(view, gen).image if self.photometric is not None else view.image
+        ids, att = self.tokenizer.encode([view.sentence], self.max_tokens)
+        props = view.masks["proposals"]
+        return UnlabeledSample(
+            weak=view.image,
+            strong=strong,
+            proposals=props,
+            valid=torch.ones(props.shape[0], dtype=torch.bool),
+            input_ids=ids[0],
+            attention_mask=att[0],
+            gt=view.masks["gt"].long(),
+            index=index,
+            ref_id=ref.ref_id,
+            sent_id=ref.sent_ids[s],
+            image_id=ref.image_id,
+            sentence=view.sentence,
+        )
+
+
+def collate_unlabeled(items: Sequence[UnlabeledSample]) -> UnlabeledSample:
+    """Stack a batch; proposals padded to the batch's largest count with ``valid`` False."""
+    n = max(it.proposals.shape[0] for it in items)
+    size = items[0].proposals.shape[-2:]
+    props = torch.zeros((len(items), n, *size), dtype=torch.bool)
+    valid = torch.zeros((len(items), n), dtype=torch.bool)
+    for i, it in enumerate(items):
+        k = it.proposals.shape[0]
+        props[i, :k] = it.proposals
+        valid[i, :k] = True
+    return UnlabeledSample(
+        weak=torch.stack([it.weak for it in items]),
+        strong=torch.stack([it.strong for it in items]),
+        proposals=props,
+        valid=valid,
+        input_ids=torch.stack([it.input_ids for it in items]),
+        attention_mask=torch.stack([it.attention_mask for it in items]),
+        gt=torch.stack([it.gt for it in items]),
+        index=torch.tensor([it.index for it in items]),
+        ref_id=torch.tensor([it.ref_id for it in items]),
+        sent_id=torch.tensor([it.sent_id for it in items]),
+        image_id=torch.tensor([it.image_id for it in items]),
+        sentence=[it.sentence for it in items],
+    )
+
+
+def unlabeled_to_device(batch: UnlabeledSample, device: torch.device) -> UnlabeledSample:
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
+    return batch._replace(
+        weak=move(batch.weak),
+        strong=move(batch.strong),
+        proposals=move(batch.proposals),
+        valid=move(batch.valid),
+        input_ids=move(batch.input_ids),
+        attention_mask=move(batch.attention_mask),
+        gt=move(batch.gt),
+    )
+
+
+# --- the step ------------------------------------------------------------------------------
+
+
+def unsupervised_loss(logits: torch.Tensor, refined: Refined, class_weights: Sequence[float]) -> torch.Tensor:
+    """The public code's loss on refined pseudo-labels (see the module docstring).
+
+    Matched samples: class-weighted cross-entropy (weighted mean over their pixels).
+    Unmatched samples: class-weighted per-pixel cross-entropy times the PWA weights, plain
+    mean over their pixels. The result is the mean of the terms of the groups present; 0
+    for an empty batch. No host sync.
+    """
+    w = torch.tensor(class_weights, dtype=torch.float32, device=logits.device)
+    per_pixel = F.cross_entropy(logits.float(), refined.labels, weight=w, reduction="none")  # B x H x W
+    m = refined.matched.to(torch.float32)[:, None, None]
+    u = 1.0 - m
+    matched_norm = (w[refined.labels] * m).sum()
+    matched = (per_pixel * m).sum() / matched_norm.clamp_min(1e-12)
+    pixels = per_pixel[0].numel()
+    unmatched = (per_pixel * refined.weights * u).sum() / (u.sum() * pixels).clamp_min(1.0)
+    has_m = refined.matched.any().to(torch.float32)
+    has_u = (~refined.matched).any().to(torch.float32)
+    return (matched * has_m + unmatched * has_u) / (has_m + has_u).clamp_min(1.0)
+
+
+@dataclass(frozen=True)
+class SemiConfig:
+    """The teacher-student loop's knobs (the stage maps ``semi.*`` params onto these)."""
+
+    steps: int
+    batch_size: int  # labeled expressions per step and process
+    unlabeled_batch_size: int  # unlabeled expressions per step and process
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    unsup_weight: float = 1.0
+    ema_rate: float = 0.9996
+    lr: float = 5e-5
+    weight_decay: float = 1e-2
+    poly_power: float = 0.9
+    class_weights: tuple[float, float] = (0.9, 1.1)
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 50
+    seed: int = 0
+    num_workers: int = 0
+    eval_batch_size: int = 32
+
+
+def semi_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    labeled: Sample,
+    unlabeled: UnlabeledSample,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    cfg: SemiConfig,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """One teacher-student step; returns detached 0-d tensors (no host sync):
+
+    loss, sup, unsup, matched (share of unlabeled samples a proposal matched), and the mean
+    IoU against the hidden truth of the teacher's raw and refined labels (diagnostics).
+    The teacher is updated by EMA after the optimiser step.
+    """
+    lab = to_device(labeled, device)
+    unl = unlabeled_to_device(unlabeled, device)
+    with torch.no_grad(), autocast(device):
+        t_logits = teacher(unl.weak, unl.input_ids, unl.attention_mask)
+    prob = t_logits.float().softmax(dim=1)[:, 1]
+    refined = refine(prob, unl.proposals, unl.valid, cfg.refine)
+    b = lab.image.shape[0]
+    images = torch.cat([lab.image, unl.strong])
+    ids = torch.cat([lab.input_ids, unl.input_ids])
+    att = torch.cat([lab.attention_mask, unl.attention_mask])
+    with autocast(device):
+        logits = student(images, ids, att)
+    sup = segmentation_loss(logits[:b], lab.mask, cfg.class_weights)
+    unsup = unsupervised_loss(logits[b:], refined, cfg.class_weights)
+    loss = sup + cfg.unsup_weight * unsup
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    ema_update(teacher, unwrap(student), cfg.ema_rate)
+    gt = unl.gt.bool()
+    raw_iou = iou(*intersection_union(refined.raw.bool(), gt)).mean()
+    ref_iou = iou(*intersection_union(refined.labels.bool(), gt)).mean()
+    return {
+        "loss": loss.detach(),
+        "sup": sup.detach(),
+        "unsup": unsup.detach(),
+        "matched": refined.matched.float().mean(),
+        "raw_iou": raw_iou,
+        "refined_iou": ref_iou,
+    }
+
+
+# --- diagnostics ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def pseudo_label_quality(
+    teacher: nn.Module,
+    dataset: UnlabeledDataset,
+    refine_cfg: RefineConfig,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+    indices: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """How good the pseudo-labels are, on unlabeled expressions with their hidden truth.
+
+    The teacher labels each expression's un-augmented view; returns, in percent as the
+    evaluation metrics: ``raw_mIoU`` / ``raw_oIoU`` of its hard masks, ``refined_mIoU`` /
+    ``refined_oIoU`` after refinement, ``match_rate`` (share a proposal matched) and
+    ``pwa_share`` (share trained with PWA weights: unmatched, with PWA on).
+    """
+    was_training = teacher.training
+    teacher.eval()
+    idx = list(range(len(dataset))) if indices is None else list(indices)
+    inter_raw, union_raw, inter_ref, union_ref, matched = [], [], [], [], []
+    try:
+        for start in range(0, len(idx), batch_size):
+            batch = collate_unlabeled([dataset[i] for i in idx[start : start + batch_size]])
+            b = unlabeled_to_device(batch, device)
+            with autocast(device):
+                logits = teacher(b.weak, b.input_ids, b.attention_mask)
+            prob = logits.float().softmax(dim=1)[:, 1]
+            r = refine(prob, b.proposals, b.valid, refine_cfg)
+            gt = b.gt.bool()
+            i0, u0 = intersection_union(r.raw.bool(), gt)
+            i1, u1 = intersection_union(r.labels.bool(), gt)
+            inter_raw.append(i0.cpu())
+            union_raw.append(u0.cpu())
+            inter_ref.append(i1.cpu())
+            union_ref.append(u1.cpu())
+            matched.append(r.matched.cpu())
+    finally:
+        teacher.train(was_training)
+    if not idx:
+        return {}
+    out: dict[str, float] = {}
+    for name, i, u in (
+        ("raw", torch.cat(inter_raw), torch.cat(union_raw)),
+        ("refined", torch.cat(inter_ref), torch.cat(union_ref)),
+    ):
+        out[f"{name}_mIoU"] = 100.0 * float(iou(i, u).mean())
+        out[f"{name}_oIoU"] = 100.0 * float(i.sum()) / max(1, int(u.sum()))
+    rate = float(torch.cat(matched).float().mean())
+    out["match_rate"] = 100.0 * rate
+    out["pwa_share"] = 100.0 * (1.0 - rate) if refine_cfg.pwa else 0.0
+    return out
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+MetricsHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class SemiResult(LoopResult):
+    teacher: nn.Module | None = None
+    start_quality: dict[str, float] | None = None
+    final_quality: dict[str, float] | None = None
+
+
+def train_semi(
+    student: nn.Module,
+    spec: ModelSpec,
+    labeled_set: ExpressionDataset,
+    unlabeled_set: UnlabeledDataset,
+    val_set: ExpressionDataset | None,
+    cfg: SemiConfig,
+    *,
+    scratch: str | Path,
+    run_key: str,
+    resume: bool = False,
+    dist_info: distributed.DistInfo | None = None,
+    on_metrics: MetricsHook | None = None,
+    quality_set: UnlabeledDataset | None = None,
+    quality_indices: Sequence[int] | None = None,
+    stop_after: int | None = None,
+) -> SemiResult:
+    """Teacher-student training of ``student`` (initialised by the caller, e.g. from burn-in).
+
+    The teacher starts as a copy of the student. Rank 0 keeps the full state (student,
+    teacher, optimiser, scheduler, every RNG, step) at ``scratch`` every
+    ``cfg.checkpoint_every`` steps; ``resume`` continues from it exactly. Both samplers are
+    pure functions of ``(seed, step)``. ``quality_set`` (un-augmented unlabeled
+    expressions) is scored by :func:`pseudo_label_quality` at the start and at every
+    evaluation, logged as ``pseudo/*``.
+    """
+    info = dist_info or distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    device, scratch = info.device, Path(scratch)
+    torch.manual_seed(cfg.seed + info.rank)
+    student.to(device).train()
+    teacher = copy.deepcopy(student).to(device)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
+    start = 0
+    if resume and scratch.is_file():
+        ckpt = load_checkpoint(scratch, expect_fingerprint=spec.fingerprint(), expect_run_key=run_key)
+        if ckpt.teacher is None:
+            raise SemiresError(f"{scratch}: not a teacher-student checkpoint; delete it to start afresh")
+        student.load_state_dict(ckpt.model)
+        teacher.load_state_dict(ckpt.teacher)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+        if ckpt.rng is not None:
+            ranks = ckpt.rng.get("ranks", [ckpt.rng])
+            set_rng_state(ranks[info.rank] if len(ranks) == info.world_size else ranks[0])
+            if len(ranks) != info.world_size:
+                torch.manual_seed(cfg.seed + 1000 * ckpt.step + info.rank)
+        start = ckpt.step
+    net = DistributedDataParallel(student) if info.world_size > 1 else student
+
+    def loader(dataset, batch_size, seed, collate=None):
+        sampler = StepSampler(
+            dataset,
+            batch_size=batch_size,
+            total_steps=cfg.steps,
+            seed=seed,
+            start_step=start,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(seed),
+            pin_memory=device.type == "cuda",
+        )
+
+    labeled_loader = loader(labeled_set, cfg.batch_size, cfg.seed)
+    unlabeled_loader = loader(unlabeled_set, cfg.unlabeled_batch_size, cfg.seed + 1, collate_unlabeled)
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+
+    def quality() -> dict[str, float] | None:
+        if quality_set is None or not info.is_main:
+            return None
+        return pseudo_label_quality(
+            teacher, quality_set, cfg.refine, device=device, batch_size=cfg.eval_batch_size,
+            indices=quality_indices,
+        )  # fmt: skip
+
+    def save(step: int) -> None:
+        states = gather_objects(rng_state())
+        if info.is_main:
+            save_checkpoint(
+                scratch, spec=spec, model=student, step=step, run_key=run_key, optimizer=optimizer,
+                scheduler=scheduler, rng={"ranks": states}, teacher=teacher,
+            )  # fmt: skip
+
+    t0 = time.perf_counter()
+    first_quality = quality() if start == 0 else None
+    if first_quality is not None and on_metrics is not None:
+        on_metrics(0, {f"pseudo/{k}": v for k, v in first_quality.items()})
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    final: Evaluation | None = None
+    last_quality = first_quality
+    step = start
+    for lab, unl in zip(labeled_loader, unlabeled_loader, strict=True):
+        lr = optimizer.param_groups[0]["lr"]
+        stats = semi_step(net, teacher, lab, unl, optimizer, scheduler, cfg=cfg, device=device)
+        for k, v in stats.items():
+            sums[k] = sums[k] + v if k in sums else v.clone()
+        count += 1
+        step += 1
+        last = step == cfg.steps
+        if on_metrics is not None and info.is_main and (step % cfg.log_every == 0 or last):
+            logged = {f"train/{k}": float(v) / count for k, v in sums.items()}  # the one sync per log
+            logged["train/lr"] = lr
+            on_metrics(step, logged)
+            sums, count = {}, 0
+        if last or (cfg.eval_every and step % cfg.eval_every == 0):
+            if info.is_main:
+                if val_set is not None:
+                    final = evaluate(unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size)
+                q = quality()
+                last_quality = q if q is not None else last_quality
+                if on_metrics is not None:
+                    row = {f"val/{k}": v for k, v in (final.metrics if final else {}).items() if k != "count"}
+                    row.update({f"pseudo/{k}": v for k, v in (q or {}).items()})
+                    on_metrics(step, row)
+            distributed.barrier()
+        if step == end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            save(step)
+            distributed.barrier()
+        if step == end:
+            break
+    if final is None and val_set is not None and step == cfg.steps and info.is_main:
+        final = evaluate(unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size)
+        last_quality = quality()
+    return SemiResult(
+        steps=step,
+        resumed_from=start,
+        seconds=time.perf_counter() - t0,
+        final_eval=final,
+        teacher=teacher,
+        start_quality=first_quality,
+        final_quality=last_quality,
+    )

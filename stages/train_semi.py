@@ -1,0 +1,361 @@
+"""Stage ``train_semi``: teacher-student training from a burn-in model, one label fraction and
+one method per stage.
+
+Methods: ``iom`` / ``cpi`` refine the teacher's labels with the proposals (IoU-based optimal
+matching / composite parts integration), ``raw`` trains on the teacher's labels as they are;
+a ``_pwa`` suffix adds pixel-wise adjustment for the samples no proposal matches. The
+method ``supervised`` is the fair control: the same burn-in model trained on for the same
+steps, schedule and labeled batches, with no unlabeled data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from semires import annotations, distributed
+from semires.atomic import atomic_path, write_json
+from semires.data import ColourJitter, Compose, ExpressionDataset, HorizontalFlip
+from semires.errors import SemiresError
+from semires.model.build import count_parameters
+from semires.refine import RefineConfig
+from semires.semi import SemiConfig, UnlabeledDataset, train_semi
+from semires.train import LoopConfig, load_model, save_checkpoint, train_supervised
+from stages.burn_in import read_labeled
+from stages.common import DEFAULT_PARAMS, ParamsOption, log, open_live, stage_command
+from stages.params import DatasetParams, check, section
+
+STRATEGIES = {"iom": "iom", "cpi": "cpi", "raw": "none"}
+CONTROL = "supervised"
+
+
+def parse_method(method: str) -> tuple[str, bool] | None:
+    """``cpi_pwa`` -> ("cpi", True); ``raw`` -> ("none", False); ``supervised`` -> None."""
+    if method == CONTROL:
+        return None
+    base, _, suffix = method.partition("_")
+    if base not in STRATEGIES or suffix not in ("", "pwa"):
+        raise ValueError(method)
+    return STRATEGIES[base], suffix == "pwa"
+
+
+METHODS_HELP = "iom, iom_pwa, cpi, cpi_pwa, raw, raw_pwa or supervised (the fair control)"
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineParams:
+    """semi.refine.*: the method's constants (the public code's values by default)."""
+
+    iou_thresh: float = 0.5
+    inside_thresh: float = 0.7
+    cover_thresh: float = 0.7
+    pwa_offset: float = 1.3
+    pwa_mean: float = 0.5
+    pwa_var: float = 0.1
+
+    def __post_init__(self) -> None:
+        for key in ("iou_thresh", "inside_thresh", "cover_thresh"):
+            v = getattr(self, key)
+            check(0 <= v < 1, f"semi.refine.{key}", v, "expected a threshold in [0, 1)")
+        check(self.pwa_var > 0, "semi.refine.pwa_var", self.pwa_var, "expected a positive variance, e.g. 0.1")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+    """semi.augment.*: the weak view's flip and the strong view's colour jitter."""
+
+    flip: bool = True  # also swaps left/right in the sentence
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.0  # the public code's 0.25 would turn "the red circle" green
+
+    def __post_init__(self) -> None:
+        for key in ("brightness", "contrast", "saturation"):
+            v = getattr(self, key)
+            check(0 <= v < 1, f"semi.augment.{key}", v, "expected a strength in [0, 1)")
+        check(0 <= self.hue <= 0.5, "semi.augment.hue", self.hue, "expected a hue shift in [0, 0.5]")
+
+
+@dataclasses.dataclass(frozen=True)
+class SemiParams:
+    """semi.*: teacher-student training (paper values where the tiny default allows)."""
+
+    fractions: list[float] = dataclasses.field(default_factory=lambda: [1.0])
+    methods: list[str] = dataclasses.field(default_factory=lambda: ["cpi_pwa"])
+    steps: int = 40000
+    batch_size: int = 8  # labeled expressions per step and process
+    unlabeled_batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 1e-2
+    poly_power: float = 0.9
+    class_weights: tuple[float, float] = (0.9, 1.1)
+    unsup_weight: float = 1.0  # lambda
+    ema_rate: float = 0.9996  # per step
+    refine: RefineParams = dataclasses.field(default_factory=RefineParams)
+    augment: AugmentParams = dataclasses.field(default_factory=AugmentParams)
+    quality_samples: int = 256  # unlabeled expressions scored for pseudo-label quality
+    log_every: int = 10
+    eval_every: int = 2000
+    checkpoint_every: int = 500
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check(len(self.fractions) > 0, "semi.fractions", self.fractions, "expected at least one fraction")
+        for i, f in enumerate(self.fractions):
+            check(
+                0 < f < 100,
+                f"semi.fractions[{i}]",
+                f,
+                "expected a percent in (0, 100), one of split.fractions",
+            )
+        check(len(self.methods) > 0, "semi.methods", self.methods, f"expected a list of {METHODS_HELP}")
+        for i, m in enumerate(self.methods):
+            try:
+                parse_method(m)
+            except ValueError:
+                check(False, f"semi.methods[{i}]", m, f"expected one of {METHODS_HELP}")
+        check(len(set(self.methods)) == len(self.methods), "semi.methods", self.methods, "names repeat")
+        check(self.steps >= 1, "semi.steps", self.steps, "expected at least 1 step")
+        for key in ("batch_size", "unlabeled_batch_size", "log_every", "checkpoint_every"):
+            check(getattr(self, key) >= 1, f"semi.{key}", getattr(self, key), "expected a positive integer")
+        check(0 < self.lr < 1, "semi.lr", self.lr, "expected a learning rate in (0, 1)")
+        check(0 <= self.weight_decay < 1, "semi.weight_decay", self.weight_decay, "expected [0, 1)")
+        check(self.poly_power > 0, "semi.poly_power", self.poly_power, "expected a positive power")
+        check(
+            all(w > 0 for w in self.class_weights),
+            "semi.class_weights",
+            list(self.class_weights),
+            "expected two positive weights [background, object]",
+        )
+        check(self.unsup_weight >= 0, "semi.unsup_weight", self.unsup_weight, "expected lambda >= 0")
+        check(0 <= self.ema_rate <= 1, "semi.ema_rate", self.ema_rate, "expected a rate in [0, 1]")
+        check(self.quality_samples >= 0, "semi.quality_samples", self.quality_samples, "expected >= 0")
+        check(self.eval_every >= 0, "semi.eval_every", self.eval_every, "expected 0 (end only) or steps")
+        check(self.num_workers >= 0, "semi.num_workers", self.num_workers, "expected 0 or more workers")
+
+    def refine_config(self, method: str) -> RefineConfig:
+        parsed = parse_method(method)
+        strategy, pwa = parsed if parsed is not None else ("none", False)
+        return RefineConfig(strategy=strategy, pwa=pwa, **dataclasses.asdict(self.refine))
+
+
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_key(method: str, p: SemiParams, labeled: list[int], anns: Path, burn_in: Path, store: Path) -> str:
+    """Names the run's inputs: a resume continues only a run of the same inputs and params."""
+    h = hashlib.sha256()
+    params = dataclasses.asdict(p)
+    params.pop("fractions")
+    params.pop("methods")
+    h.update(json.dumps({"method": method, "params": params, "labeled": labeled}, sort_keys=True).encode())
+    h.update(_file_md5(anns).encode())
+    h.update(_file_md5(burn_in).encode())
+    if parse_method(method) is not None:
+        h.update(_file_md5(store / "zarr.json").encode())
+    return h.hexdigest()[:16]
+
+
+@stage_command("train-semi")
+def train_semi_command(
+    split_path: Annotated[Path, typer.Option("--split", help="data/split/<fraction>.json of `split`.")],
+    burn_in_path: Annotated[Path, typer.Option("--burn-in", help="The burn-in checkpoint to start from.")],
+    method: Annotated[str, typer.Option(help=METHODS_HELP)],
+    out: Annotated[Path, typer.Option(help="Final checkpoint (student, with its teacher).")],
+    live_dir: Annotated[Path, typer.Option("--live", help="DVCLive folder (metrics.json, plots/).")],
+    quality_path: Annotated[
+        Path, typer.Option("--quality", help="Pseudo-label quality at the start and end (JSON metric).")
+    ],
+    proposals: Annotated[Path, typer.Option(help="The proposals store of `propose`.")] = Path(
+        "data/proposals.zarr"
+    ),
+    anns_path: Annotated[Path, typer.Option("--anns", help="Annotation file from `extract`.")] = Path(
+        "data/anns.json"
+    ),
+    scratch_root: Annotated[
+        Path, typer.Option("--scratch", help="Where partial runs live (git- and DVC-ignored).")
+    ] = Path(".scratch/train_semi"),
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue a killed run of the same inputs if one is in --scratch."),
+    ] = False,
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Train a student on labeled and SAM-refined pseudo-labeled data (or the fair control)."""
+    distributed.relaunch_under_torchrun()
+    sp = section(params, "semi", SemiParams)
+    dp = section(params, "dataset", DatasetParams)
+    try:
+        parse_method(method)
+    except ValueError:
+        raise SemiresError(f"--method {method!r}: expected one of {METHODS_HELP}") from None
+    info = distributed.init()
+    try:
+        _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, proposals, anns_path,
+               scratch_root, resume, sp, dp)  # fmt: skip
+    finally:
+        distributed.shutdown()
+
+
+def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, proposals, anns_path,
+           scratch_root, resume, sp: SemiParams, dp: DatasetParams) -> None:  # fmt: skip
+    percent, labeled_ids = read_labeled(split_path)
+    anns = annotations.load(anns_path)
+    spec, model, ckpt = load_model(burn_in_path)
+    if ckpt.teacher is not None or ckpt.meta.get("stage") != "burn_in":
+        raise SemiresError(f"{burn_in_path}: not a burn-in checkpoint; pass data/burn_in/<fraction>/model.pt")
+    if ckpt.meta.get("percent") is not None and float(ckpt.meta["percent"]) != percent:
+        raise SemiresError(
+            f"{burn_in_path}: trained on {ckpt.meta['percent']:g}% labels, but {split_path} is {percent:g}%; "
+            "pass the burn-in of the same fraction"
+        )
+    train_refs = anns.in_split("train")
+    labeled = set(labeled_ids)
+    lab_refs = [r for r in train_refs if r.image_id in labeled]
+    unl_refs = [r for r in train_refs if r.image_id not in labeled and r.sentences]
+    control = parse_method(method) is None
+    if not control and not unl_refs:
+        raise SemiresError(f"{split_path}: no unlabeled images at {percent:g}%; semi-supervised needs some")
+    key = run_key(method, sp, labeled_ids, anns_path, burn_in_path, proposals)
+    scratch = scratch_root / f"{method}-{split_path.stem}-{key}"
+    tok = spec.make_tokenizer()
+    size, tokens = spec.config.image_size, spec.config.max_tokens
+    labeled_set = ExpressionDataset(lab_refs, dp.image_dir, tok, image_size=size, max_tokens=tokens)
+    val_refs = anns.in_split("val")
+    val_set = (
+        ExpressionDataset(val_refs, dp.image_dir, tok, image_size=size, max_tokens=tokens)
+        if val_refs
+        else None
+    )
+    ckpt_path = scratch / "last.pt"
+    resuming = resume and ckpt_path.is_file()
+    live = None
+    if info.is_main:
+        if not resuming:
+            shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True, exist_ok=True)
+        live = open_live(scratch / "dvclive", resume=resuming)
+        log(
+            "train_semi",
+            f"{method} at {percent:g}%: {len(lab_refs)} labeled / {len(unl_refs)} unlabeled refs, "
+            f"{count_parameters(model) / 1e6:.2f} M parameters, {sp.steps} steps on {info.device} "
+            f"x {info.world_size} process(es)",
+        )
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        if step == 0:  # the start's pseudo-label quality, kept for a resumed run's summary
+            start_q = {k.removeprefix("pseudo/"): v for k, v in metrics.items() if k.startswith("pseudo/")}
+            write_json(scratch / "quality_start.json", start_q)
+        live.step = step
+        for k, v in metrics.items():
+            live.log_metric(k, v)
+        live.make_summary()
+        if "val/mIoU" in metrics:
+            log(
+                "train_semi",
+                f"step {step}: val oIoU {metrics['val/oIoU']:.2f} mIoU {metrics['val/mIoU']:.2f}",
+            )
+        if "pseudo/raw_mIoU" in metrics:
+            log(
+                "train_semi",
+                f"step {step}: pseudo-labels mIoU raw {metrics['pseudo/raw_mIoU']:.2f} -> refined "
+                f"{metrics['pseudo/refined_mIoU']:.2f}, matched {metrics['pseudo/match_rate']:.1f}%",
+            )
+
+    hook = on_metrics if info.is_main else None
+    start = time.perf_counter()
+    quality: dict[str, dict[str, float]] = {}
+    teacher = None
+    if control:
+        cfg = LoopConfig(
+            steps=sp.steps, batch_size=sp.batch_size, lr=sp.lr, weight_decay=sp.weight_decay,
+            poly_power=sp.poly_power, class_weights=sp.class_weights, log_every=sp.log_every,
+            eval_every=sp.eval_every, checkpoint_every=sp.checkpoint_every, seed=sp.seed,
+            num_workers=sp.num_workers,
+        )  # fmt: skip
+        result = train_supervised(
+            model, spec, labeled_set, val_set, cfg, scratch=ckpt_path, run_key=key, resume=resume,
+            dist_info=info, on_metrics=hook,
+        )  # fmt: skip
+    else:
+        rcfg = sp.refine_config(method)
+        aug = sp.augment
+        geometric = Compose([HorizontalFlip()]) if aug.flip else None
+        photometric = ColourJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)
+        unl_set = UnlabeledDataset(
+            unl_refs, dp.image_dir, tok, proposals, image_size=size, max_tokens=tokens,
+            geometric=geometric, photometric=photometric,
+        )  # fmt: skip
+        quality_set = UnlabeledDataset(
+            unl_refs, dp.image_dir, tok, unl_set.store, image_size=size, max_tokens=tokens
+        )
+        n = len(quality_set)
+        picks = sorted(random.Random(sp.seed).sample(range(n), min(n, sp.quality_samples)))
+        cfg = SemiConfig(
+            steps=sp.steps, batch_size=sp.batch_size, unlabeled_batch_size=sp.unlabeled_batch_size,
+            refine=rcfg, unsup_weight=sp.unsup_weight, ema_rate=sp.ema_rate, lr=sp.lr,
+            weight_decay=sp.weight_decay, poly_power=sp.poly_power, class_weights=sp.class_weights,
+            log_every=sp.log_every, eval_every=sp.eval_every, checkpoint_every=sp.checkpoint_every,
+            seed=sp.seed, num_workers=sp.num_workers,
+        )  # fmt: skip
+        result = train_semi(
+            model, spec, labeled_set, unl_set, val_set, cfg, scratch=ckpt_path, run_key=key,
+            resume=resume, dist_info=info, on_metrics=hook, quality_set=quality_set,
+            quality_indices=picks,
+        )  # fmt: skip
+        teacher = result.teacher
+        if result.start_quality is not None:
+            quality["start"] = result.start_quality
+        if result.final_quality is not None:
+            quality["end"] = result.final_quality
+    if not info.is_main:
+        return
+    live.end()
+    if not control and "start" not in quality:  # resumed: the start was measured by the killed run
+        prior = scratch / "quality_start.json"
+        if prior.is_file():
+            quality["start"] = json.loads(prior.read_text(encoding="utf-8"))
+    val = result.final_eval.metrics if result.final_eval is not None else {}
+    meta = {
+        "stage": "train_semi",
+        "method": method,
+        "percent": percent,
+        "steps": result.steps,
+        "labeled_refs": len(lab_refs),
+        "unlabeled_refs": len(unl_refs),
+        "burn_in_step": ckpt.step,
+    }
+    meta.update({f"val/{k}": float(v) for k, v in val.items()})
+    save_checkpoint(out, spec=spec, model=model, step=result.steps, run_key=key, meta=meta, teacher=teacher)
+    write_json(quality_path, {f"{method}/{percent:g}": quality})
+    with atomic_path(live_dir, directory=True) as tmp:
+        shutil.copytree(scratch / "dvclive", tmp, dirs_exist_ok=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    q = ""
+    if "start" in quality and "end" in quality:
+        s, e = quality["start"], quality["end"]
+        q = (
+            f"; pseudo-label mIoU raw {s['raw_mIoU']:.1f} -> refined {s['refined_mIoU']:.1f} at the start, "
+            f"{e['raw_mIoU']:.1f} -> {e['refined_mIoU']:.1f} at the end"
+        )
+    log(
+        "train_semi",
+        f"{method} at {percent:g}%: {result.steps} steps in {time.perf_counter() - start:.1f} s{resumed}; "
+        f"val oIoU {val.get('oIoU', float('nan')):.2f} mIoU {val.get('mIoU', float('nan')):.2f}{q} -> {out}",
+    )
