@@ -57,6 +57,7 @@ class SynthOptions:
     crowd_share: float = 0.15  # images that also get a crowd region (a group of dots)
     overlap_share: float = 0.3  # objects placed to overlap an earlier one
     rle_share: float = 0.1  # fully visible objects stored as RLE anyway
+    object_scale: float = 1.0  # object radii x this (small: 7-10 %, big: 15-20 % of the shorter side)
     seed: int = 0
 
 
@@ -142,7 +143,7 @@ def _make_objects(rng: np.random.Generator, h: int, w: int, opts: SynthOptions) 
         else:
             shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
         size = "big" if rng.random() < 0.5 else "small"
-        r = side * (rng.uniform(0.15, 0.2) if size == "big" else rng.uniform(0.07, 0.1))
+        r = side * opts.object_scale * (rng.uniform(0.15, 0.2) if size == "big" else rng.uniform(0.07, 0.1))
         pos = _place(rng, h, w, r, objs, overlap=i > 0 and rng.random() < opts.overlap_share)
         if pos is None:
             continue

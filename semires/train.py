@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,7 +314,8 @@ def load_checkpoint(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SemiresError(f"{path}: not a readable checkpoint ({e}); delete it and retrain") from e
+        why = _load_error(path, e)
+        raise SemiresError(f"{path}: not a readable checkpoint ({why}); delete it and retrain") from e
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise SemiresError(f"{path}: not a semires LAVT checkpoint (no format {CHECKPOINT_FORMAT!r})")
     if obj.get("version") != CHECKPOINT_VERSION:
@@ -321,7 +323,13 @@ def load_checkpoint(
             f"{path}: checkpoint version {obj.get('version')!r}, this semires reads "
             f"{CHECKPOINT_VERSION}; retrain"
         )
-    spec = ModelSpec.from_dict(obj["spec"])
+    try:
+        spec = ModelSpec.from_dict(obj["spec"])
+        step = int(obj["step"])
+        if not isinstance(obj["model"], dict):
+            raise TypeError("its model entry is not a state dict")
+    except (KeyError, TypeError, ValueError) as e:
+        raise SemiresError(f"{path}: damaged semires checkpoint ({e!r}); delete it and retrain") from e
     if expect_fingerprint is not None and spec.fingerprint() != expect_fingerprint:
         raise SemiresError(
             f"{path}: written for another model configuration ({spec.config.name}, "
@@ -336,7 +344,7 @@ def load_checkpoint(
     return Checkpoint(
         spec=spec,
         model=obj["model"],
-        step=int(obj["step"]),
+        step=step,
         run_key=str(obj.get("run_key", "")),
         optimizer=obj.get("optimizer"),
         scheduler=obj.get("scheduler"),
@@ -350,11 +358,44 @@ def load_model(path: str | Path) -> tuple[ModelSpec, nn.Module, Checkpoint]:
     """A trained model from a checkpoint, rebuilt from the spec it carries."""
     ckpt = load_checkpoint(path)
     model = build_from_spec(ckpt.spec)
+    misfit = state_dict_misfit(model, ckpt.model)
     try:
-        model.load_state_dict(ckpt.model)
+        if misfit is None:
+            model.load_state_dict(ckpt.model)
     except RuntimeError as e:
-        raise SemiresError(f"{path}: weights do not fit the model the checkpoint describes ({e})") from e
+        misfit = str(e).strip().splitlines()[-1].strip()
+    if misfit is not None:
+        raise SemiresError(
+            f"{path}: weights do not fit the model the checkpoint describes ({misfit}); "
+            "the file is damaged or was edited: delete it and retrain"
+        )
     return ckpt.spec, model, ckpt
+
+
+def state_dict_misfit(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """Why ``state`` does not load into ``model``, in one line (None if it fits)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+    if shape:
+        k = shape[0]
+        got, want = list(getattr(state[k], "shape", [])), list(own[k].shape)
+        parts.append(f"wrong shape {len(shape)} (e.g. {k}: {got} in the file, {want} in the model)")
+    return "; ".join(parts) or None
+
+
+def _load_error(path: Path, e: Exception) -> str:
+    """``torch.load``'s failure in a few words: the first line of its message."""
+    if not zipfile.is_zipfile(path):
+        return "truncated, or not a file written by torch.save"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return first.split(". ")[0].rstrip(".")[:200]
 
 
 # --- the supervised loop -------------------------------------------------------------------

@@ -140,11 +140,17 @@ def read_labeled(path: Path) -> tuple[float, list[int]]:
         raise SemiresError(f"{path}: split file not found; run `semires split` (dvc repro split) first")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-        return float(obj["percent"]), [int(i) for i in obj["labeled"]]
+        percent, labeled = float(obj["percent"]), [int(i) for i in obj["labeled"]]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise SemiresError(
             f"{path}: not a split file of `semires split` ({e!r}); rerun the split stage"
         ) from e
+    if not labeled:
+        raise SemiresError(
+            f"{path}: the labeled image list is empty, nothing to train on; "
+            "rerun `semires split` (dvc repro split) or fix the file given in split.files"
+        )
+    return percent, labeled
 
 
 def run_key(spec: ModelSpec, p: BurnInParams, labeled: list[int], anns_path: Path) -> str:
@@ -192,6 +198,11 @@ def _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp,
     train_refs = anns.in_split("train")
     labeled = set(labeled_ids)
     refs = [r for r in train_refs if r.image_id in labeled]
+    if not any(r.sentences for r in refs):
+        raise SemiresError(
+            f"{split_path}: none of its {len(labeled)} labeled images has a referring expression in "
+            f"{anns_path}; the split was drawn from another annotation file: rerun `semires split`"
+        )
     corpus = [s for r in train_refs for s in r.sentences]  # the vocabulary: every train sentence
     torch.manual_seed(bp.seed)  # the initial weights, like everything else, follow burn_in.seed
     spec, model = prepare(model_config(mp), swin_weights=mp.swin_weights, bert_dir=mp.bert_dir, corpus=corpus)

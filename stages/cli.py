@@ -8,6 +8,7 @@ from stages.burn_in import burn_in
 from stages.evaluate import evaluate
 from stages.extract import extract
 from stages.propose import propose
+from stages.report import report
 from stages.split import split
 from stages.synth import synth
 from stages.train_semi import train_semi_command
@@ -27,6 +28,7 @@ app.command("propose")(propose)
 app.command("burn-in")(burn_in)
 app.command("train-semi")(train_semi_command)
 app.command("evaluate")(evaluate)
+app.command("report")(report)
 
 if __name__ == "__main__":
     app()

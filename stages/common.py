@@ -28,7 +28,8 @@ def stage_command(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return fn(*args, **kwargs)
             except SemiresError as e:
-                print(f"semires {name}: error: {e}", file=sys.stderr)
+                one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+                print(f"semires {name}: error: {one_line}", file=sys.stderr)
                 raise typer.Exit(2) from None
 
         return run

@@ -299,7 +299,7 @@ def _my_shards(
         total=n_todo,
         desc=f"propose (rank 0 of {info.world_size})",
         unit="img",
-        disable=not info.is_main,
+        disable=not info.is_main or not sys.stderr.isatty(),  # no bar in logs: errors stay one line
         file=sys.stderr,
         dynamic_ncols=True,
         mininterval=1.0,

@@ -22,6 +22,7 @@ class SynthParams:
     objects_per_image: tuple[int, int] = (2, 4)
     crowd_share: float = 0.15
     overlap_share: float = 0.3
+    object_scale: float = 1.3
     split_shares: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"train": 0.7, "val": 0.1, "testA": 0.1, "testB": 0.1}
     )
@@ -42,6 +43,12 @@ class SynthParams:
             "synth.objects_per_image",
             list(self.objects_per_image),
             "expected [min, max] with 1 <= min <= max <= 12",
+        )
+        check(
+            0.25 <= self.object_scale <= 2.5,
+            "synth.object_scale",
+            self.object_scale,
+            "expected a factor in [0.25, 2.5] on the object radii",
         )
         for k in ("crowd_share", "overlap_share"):
             v = getattr(self, k)
@@ -73,6 +80,7 @@ def synth(
         split_shares=dict(p.split_shares),
         crowd_share=p.crowd_share,
         overlap_share=p.overlap_share,
+        object_scale=p.object_scale,
         seed=p.seed,
     )
     start = time.perf_counter()

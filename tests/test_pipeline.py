@@ -21,6 +21,17 @@ SMALL = {
     "synth": {"num_images": 40, "image_size": [64, 80]},
     "split": {"fractions": [10, 50]},
     "burn_in": {"steps": 12, "batch_size": 4, "eval_every": 0, "checkpoint_every": 6, "log_every": 4},
+    "semi": {
+        "fractions": [10],
+        "methods": ["cpi_pwa", "supervised"],
+        "steps": 6,
+        "batch_size": 4,
+        "unlabeled_batch_size": 4,
+        "eval_every": 0,
+        "checkpoint_every": 3,
+        "log_every": 2,
+        "quality_samples": 16,
+    },
     "evaluate": {"batch_size": 16},
 }
 
@@ -103,3 +114,14 @@ def test_changing_split_reruns_split_and_later_only(project):
     assert "split" in ran
     assert not ran & {"synth", "extract", "propose"}, f"upstream stages reran: {sorted(ran)}"
     assert _ran(_sh(project, "dvc", "repro")) == set()
+
+
+def test_changing_a_semi_param_reruns_teacher_student_training_and_later_only(project):
+    _edit_params(project, {"semi": {"unsup_weight": 0.5}})
+    ran = _ran(_sh(project, "dvc", "repro"))
+    semi = {s for s in stage_names(project) if s.startswith(("train_semi@", "evaluate_semi@"))}
+    assert semi <= ran
+    untouched = {
+        s for s in ran if s.split("@")[0] in ("synth", "extract", "split", "propose", "burn_in", "evaluate")
+    }
+    assert not untouched, f"stages that do not read semi.* reran: {sorted(untouched)}"

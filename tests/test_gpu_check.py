@@ -1,0 +1,119 @@
+"""scripts/gpu_check.py at CPU sizes: every section runs, its checks pass, the JSON holds its figures."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_tiny_run_passes_its_checks_and_reports_every_section(gpu_check, tmp_path, capsys, monkeypatch):
+    plain = gpu_check.public_style_step
+
+    def fits_one_each(student, teacher, lab, unl, *args, **kwargs):  # as fp32 might on a GPU
+        if lab.image.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return plain(student, teacher, lab, unl, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_check, "public_style_step", fits_one_each)
+    out = tmp_path / "gpu.json"
+    rc = gpu_check.main(["--tiny", "--device", "cpu", "--budget-s", "20", "--out", str(out)])
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["errors"] == {}
+    assert rc == 0
+    assert report["ok"]
+    assert report["checks"] == {
+        "refine_iom_identical": True,
+        "refine_cpi_identical": True,
+        "train_finite_loss": True,
+    }
+
+    refine = report["refine"]
+    assert set(refine["strategies"]) == {"iom", "cpi"}
+    for row in refine["strategies"].values():
+        assert row["identical"] and row["no_host_sync"] is None  # the sync check is CUDA-only
+        assert row["batched_ms"] > 0 and row["loop_ms"] > 0 and row["speedup"] > 0
+        assert row["iters_batched"] >= 1 and row["iters_loop"] >= 1
+    # the planted exact match and part make some samples match, the padded one may not
+    assert 0 < refine["strategies"]["cpi"]["matched"] <= refine["batch"]
+
+    sam = report["sam"]
+    for key in ("ours", "variant", "public"):
+        assert sam[key]["images"] >= 1 and sam[key]["images_per_s"] > 0
+    assert sam["ours"]["calls_per_image"] == 1.0
+    assert sam["public"]["calls_per_image"] == 2.5  # alternately 2 and 3 referred objects
+    assert sam["public"]["json_files"] == 5
+    assert sam["ours"]["masks_per_image"] >= 0
+    assert sam["variant"]["bf16_image_encoder"] is False
+    assert sam["speedup"] > 0 and sam["variant_speedup"] > 0
+
+    train = report["train"]
+    assert train["preset"] == "tiny" and train["labeled"] == 2 and train["unlabeled"] == 2
+    assert train["ours"]["labeled"] == 2 and train["ours"]["oom_at"] == []
+    assert train["flops_per_step"] > 0
+    for key in ("ours", "public"):
+        assert train[key]["steps"] >= 1 and train[key]["samples_per_s"] > 0
+        assert train[key]["mfu"] is None  # no known peak on a CPU
+    # out of memory at the full batch: measured again at half of it, the ratio per sample
+    assert train["public"]["oom_at"] == [[2, 2]]
+    assert (train["public"]["labeled"], train["public"]["unlabeled"]) == (1, 1)
+    assert train["speedup"] == pytest.approx(
+        train["ours"]["samples_per_s"] / train["public"]["samples_per_s"]
+    )
+    assert train["speedup"] > 0 and train["finite_loss"]
+
+    table = printed.strip().splitlines()
+    header = table.index("| check | ours | public-style | ratio | target | met? |")
+    rows = table[header + 2 :]
+    assert rows and all(line.startswith("| ") and line.count("|") == 7 for line in rows)
+    assert any(line.startswith("| train step samples/s") for line in rows)
+
+
+def test_outputs_that_differ_from_the_loop_fail_the_run(gpu_check, tmp_path, monkeypatch):
+    plain = gpu_check.loop_refine
+
+    def off_by_one(prob, proposals, valid, cfg):
+        labels, weights, matched = plain(prob, proposals, valid, cfg)
+        labels = labels.clone()
+        labels[0, 0, 0] = 1 - labels[0, 0, 0]
+        return labels, weights, matched
+
+    monkeypatch.setattr(gpu_check, "loop_refine", off_by_one)
+    out = tmp_path / "gpu.json"
+    rc = gpu_check.main(
+        ["--tiny", "--device", "cpu", "--sections", "refine", "--budget-s", "5", "--out", str(out)]
+    )
+    report = json.loads(out.read_text())
+    assert rc == 1
+    assert report["checks"] == {"refine_iom_identical": False, "refine_cpi_identical": False}
+    assert not report["ok"]
+
+
+def test_loop_reference_matches_refine_with_and_without_pwa(gpu_check):
+    from semires.refine import RefineConfig, refine
+
+    prob, props, valid = gpu_check.refine_inputs(4, 9, 24, torch.device("cpu"), seed=5)
+    for strategy in ("iom", "cpi", "none"):
+        for pwa in (True, False):
+            cfg = RefineConfig(strategy=strategy, pwa=pwa)
+            got = refine(prob, props, valid, cfg)
+            labels, weights, matched = gpu_check.loop_refine(prob, props, valid, cfg)
+            assert torch.equal(got.labels, labels) and torch.equal(got.matched, matched)
+            assert torch.allclose(got.weights, weights, rtol=0, atol=1e-6)

@@ -1,0 +1,320 @@
+"""Teacher-student training: the unsupervised loss, aligned views, the step, resume, diagnostics."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from typer.testing import CliRunner
+
+from semires import annotations
+from semires.atomic import write_json
+from semires.data import ColourJitter, HorizontalFlip, swap_left_right
+from semires.model.build import TextConfig, prepare, preset
+from semires.proposals.base import Proposals
+from semires.proposals.store import ImageResult, Layout, create, finish, write_shard
+from semires.refer import read_refer
+from semires.refine import RefineConfig, Refined, refine
+from semires.semi import (
+    SemiConfig,
+    UnlabeledDataset,
+    collate_unlabeled,
+    pseudo_label_quality,
+    semi_step,
+    train_semi,
+    unsupervised_loss,
+)
+from semires.split import random_split
+from semires.synth import SynthOptions, write_dataset
+from semires.train import ExpressionDataset, load_checkpoint, make_optimizer, poly_schedule
+from stages.cli import app
+
+SIZE = 64
+CW = (0.9, 1.1)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A synthetic set, its annotation file, a 25 % split and a proposals store made of every
+    annotated object's mask of each image plus one empty-handed image (no proposals)."""
+    root = tmp_path_factory.mktemp("semi")
+    write_dataset(root / "refer", SynthOptions(num_images=16, seed=11))
+    anns = read_refer(root / "refer", "synthref", "unc")
+    annotations.save(root / "anns.json", anns)
+    train_ids = anns.image_ids("train")
+    write_json(root / "split" / "25.json", random_split(train_ids, 25, 0).to_json(anns))
+    by_image: dict[int, list[np.ndarray]] = {}
+    for r in anns.in_split("train"):
+        by_image.setdefault(r.image_id, []).append(r.decode_mask())
+    sizes = anns.images("train")  # image_id -> (file name, height, width)
+    images = {}
+    for k, i in enumerate(sorted(train_ids)):
+        masks = by_image.get(i, [])
+        if k == 0 or not masks:  # an image with zero proposals
+            masks = np.zeros((0, sizes[i][1], sizes[i][2]), bool)
+        images[i] = Proposals.from_masks(np.stack(masks) if len(masks) else masks)
+    store = root / "proposals.zarr"
+    layout = Layout.build({i: p.masks.shape[1:] for i, p in images.items()}, max_masks=16, shard_images=4)
+    create(store, layout, {"backend": "test-oracle"})
+    results = {i: ImageResult.from_proposals(p, len(p), "sha") for i, p in images.items()}
+    for k in range(layout.num_shards):
+        write_shard(store, layout, k, [results[layout.images[j][0]] for j in layout.shard(k)])
+    finish(store, np.array([results[i].num_masks for i, _, _ in layout.images]))
+    return root, anns, store, sorted(train_ids)[0]
+
+
+def tiny(anns, seed=0):
+    torch.manual_seed(seed)
+    cfg = preset("tiny", image_size=SIZE)
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text or TextConfig(), dropout=0.0))
+    return prepare(cfg, corpus=[s for r in anns.refs for s in r.sentences])
+
+
+def unlabeled(project, spec, **kw) -> UnlabeledDataset:
+    root, anns, store, _ = project
+    labeled = set(json.loads((root / "split" / "25.json").read_text())["labeled"])
+    refs = [r for r in anns.in_split("train") if r.image_id not in labeled]
+    return UnlabeledDataset(
+        refs, root / "refer/images/synthref", spec.make_tokenizer(), store,
+        image_size=SIZE, max_tokens=spec.config.max_tokens, **kw,
+    )  # fmt: skip
+
+
+def labeled(project, spec) -> ExpressionDataset:
+    root, anns, _, _ = project
+    ids = set(json.loads((root / "split" / "25.json").read_text())["labeled"])
+    refs = [r for r in anns.in_split("train") if r.image_id in ids]
+    return ExpressionDataset(
+        refs, root / "refer/images/synthref", spec.make_tokenizer(), image_size=SIZE, max_tokens=20
+    )
+
+
+# --- the loss ------------------------------------------------------------------------------
+
+
+def _refined(labels, weights, matched) -> Refined:
+    return Refined(labels=labels, weights=weights, matched=matched, raw=labels)
+
+
+def test_unsupervised_loss_of_matched_samples_is_class_weighted_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 5, 5)
+    labels = torch.randint(0, 2, (3, 5, 5))
+    r = _refined(labels, torch.rand(3, 5, 5), torch.tensor([True, True, True]))
+    want = F.cross_entropy(logits, labels, weight=torch.tensor(CW))
+    assert torch.allclose(unsupervised_loss(logits, r, CW), want)
+
+
+def test_unsupervised_loss_of_unmatched_samples_is_the_mean_of_weighted_terms():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 2, 4, 4)
+    labels = torch.randint(0, 2, (2, 4, 4))
+    w = torch.rand(2, 4, 4)
+    r = _refined(labels, w, torch.tensor([False, False]))
+    per = F.cross_entropy(logits, labels, weight=torch.tensor(CW), reduction="none")
+    assert torch.allclose(unsupervised_loss(logits, r, CW), (per * w).mean())
+
+
+def test_unsupervised_loss_averages_the_groups_present():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 2, 4, 4)
+    labels = torch.randint(0, 2, (3, 4, 4))
+    w = torch.rand(3, 4, 4)
+    r = _refined(labels, w, torch.tensor([True, False, True]))
+    m = F.cross_entropy(logits[[0, 2]], labels[[0, 2]], weight=torch.tensor(CW))
+    per = F.cross_entropy(logits[1:2], labels[1:2], weight=torch.tensor(CW), reduction="none")
+    u = (per * w[1:2]).mean()
+    assert torch.allclose(unsupervised_loss(logits, r, CW), (m + u) / 2)
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def test_weak_and_strong_views_share_the_geometry_of_their_proposals(project):
+    _, anns, _, _ = project
+    spec, _ = tiny(anns)
+    plain = unlabeled(project, spec)
+    flipped = unlabeled(
+        project, spec, geometric=HorizontalFlip(p=1.0), photometric=ColourJitter(0.4, 0.4, 0.4)
+    )
+    i = next(k for k in range(len(plain)) if plain[k].proposals.shape[0] > 0)
+    a, b = plain[i], flipped[(i, 5)]
+    assert torch.equal(b.weak, a.weak.flip(-1))
+    assert torch.equal(b.proposals, a.proposals.flip(-1))
+    assert torch.equal(b.gt, a.gt.flip(-1))
+    assert b.sentence == swap_left_right(a.sentence)
+    assert b.strong.shape == b.weak.shape and not torch.equal(b.strong, b.weak)
+    # every object's mask is a proposal: the flipped truth is one of the flipped proposals
+    assert any(torch.equal(p.long(), b.gt) for p in b.proposals)
+
+
+def test_proposals_are_the_stores_masks_resized_nearest(project):
+    _, anns, _, _ = project
+    spec, _ = tiny(anns)
+    ds = unlabeled(project, spec)
+    item = ds[0]
+    want = ds.store.masks(item.image_id, size=(SIZE, SIZE))
+    assert torch.equal(item.proposals, want)
+
+
+def test_collate_pads_proposals_and_marks_the_real_ones(project):
+    _, anns, _, _ = project
+    spec, _ = tiny(anns)
+    ds = unlabeled(project, spec)
+    counts = {}
+    for k in range(len(ds)):
+        counts.setdefault(ds[k].proposals.shape[0], k)
+    assert 0 in counts, "the fixture has an image without proposals"
+    items = [ds[k] for k in counts.values()]
+    batch = collate_unlabeled(items)
+    n = max(counts)
+    assert batch.proposals.shape == (len(items), n, SIZE, SIZE)
+    assert batch.valid.sum(1).tolist() == list(counts)
+    assert not batch.proposals[~batch.valid].any()
+
+
+# --- the step and the loop -----------------------------------------------------------------
+
+
+def _cfg(**kw) -> SemiConfig:
+    base = dict(steps=4, batch_size=2, unlabeled_batch_size=3, lr=1e-3, ema_rate=0.9, log_every=1)
+    base.update(kw)
+    return SemiConfig(**base)
+
+
+def test_semi_step_moves_the_teacher_by_ema_of_the_updated_student(project):
+    _, anns, _, _ = project
+    spec, student = tiny(anns)
+
+    teacher = copy.deepcopy(student).eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    lab = torch.utils.data.default_collate([labeled(project, spec)[k] for k in range(2)])
+    unl = collate_unlabeled([unlabeled(project, spec)[k] for k in range(3)])
+    opt = make_optimizer(student, lr=1e-3, weight_decay=0.01)
+    sched = poly_schedule(opt, total_steps=4, power=0.9)
+    stats = semi_step(student, teacher, lab, unl, opt, sched, cfg=_cfg(), device=torch.device("cpu"))
+    assert set(stats) == {"loss", "sup", "unsup", "matched", "raw_iou", "refined_iou"}
+    assert all(torch.isfinite(v) for v in stats.values())
+    after = student.state_dict()
+    for k, t in teacher.state_dict().items():
+        if t.is_floating_point():
+            assert torch.allclose(t, 0.9 * before[k] + 0.1 * after[k], atol=1e-6), k
+
+
+def test_resume_continues_a_killed_teacher_student_run_exactly(project, tmp_path):
+    _, anns, _, _ = project
+
+    def run(scratch, **kw):
+        spec, model = tiny(anns, seed=kw.pop("seed", 0))
+        logs = []
+        res = train_semi(
+            model, spec, labeled(project, spec),
+            unlabeled(project, spec, geometric=HorizontalFlip(), photometric=ColourJitter()),
+            None, _cfg(checkpoint_every=100), scratch=scratch, run_key="k",
+            on_metrics=lambda s, m: logs.append((s, m.get("train/loss"))), **kw,
+        )  # fmt: skip
+        return model, res, logs
+
+    straight, a, logs_a = run(tmp_path / "a.pt")
+    _, first, _ = run(tmp_path / "b.pt", stop_after=2)
+    assert first.steps == 2
+    resumed, b, logs_b = run(tmp_path / "b.pt", resume=True, seed=9)
+    assert b.resumed_from == 2 and b.steps == 4
+    assert logs_b == logs_a[2:]
+    for (k, x), y in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(x, y), k
+    for (k, x), y in zip(a.teacher.state_dict().items(), b.teacher.state_dict().values(), strict=True):
+        assert torch.equal(x, y), k
+
+
+class _Everything(nn.Module):
+    """A 'teacher' that calls every pixel the object."""
+
+    def forward(self, image, input_ids, attention_mask):
+        b, _, h, w = image.shape
+        return torch.stack([torch.zeros(b, h, w), torch.ones(b, h, w)], dim=1)
+
+
+def test_pseudo_label_quality_scores_raw_and_refined_labels_against_the_truth(project):
+    _, anns, _, _ = project
+    spec, _ = tiny(anns)
+    ds = unlabeled(project, spec)
+    cfg = RefineConfig(strategy="cpi", pwa=True)
+    q = pseudo_label_quality(_Everything(), ds, cfg, device=torch.device("cpu"), batch_size=4)
+    items = [ds[k] for k in range(len(ds))]
+    batch = collate_unlabeled(items)
+    prob = torch.ones(len(items), SIZE, SIZE)
+    r = refine(prob, batch.proposals, batch.valid, cfg)
+    gt = batch.gt.bool()
+
+    def miou(pred):
+        inter = (pred & gt).flatten(1).sum(1).float()
+        union = (pred | gt).flatten(1).sum(1).float()
+        return 100 * float(torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union)).mean())
+
+    assert q["raw_mIoU"] == pytest.approx(miou(torch.ones_like(gt)))
+    assert q["refined_mIoU"] == pytest.approx(miou(r.labels.bool()))
+    assert q["refined_mIoU"] > q["raw_mIoU"] + 20  # every proposal lies inside "everything": their union
+    assert q["match_rate"] == pytest.approx(100 * float(r.matched.float().mean()))
+    assert q["match_rate"] + q["pwa_share"] == pytest.approx(100)
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_train_semi_stage_and_its_fair_control(project):
+    root, _, store, _ = project
+    params = {
+        "dataset": {"image_dir": str(root / "refer/images/synthref")},
+        "model": {"preset": "tiny", "image_size": SIZE},
+        "burn_in": {"steps": 3, "batch_size": 2, "lr": 1e-3, "log_every": 1, "eval_every": 0},
+        "semi": {
+            "fractions": [25], "methods": ["cpi_pwa", "supervised"], "steps": 3, "batch_size": 2,
+            "unlabeled_batch_size": 2, "lr": 1e-3, "log_every": 1, "eval_every": 0, "checkpoint_every": 2,
+            "quality_samples": 8,
+        },
+    }  # fmt: skip
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    common = ["--params", str(root / "params.yaml"), "--anns", str(root / "anns.json")]
+    res = runner.invoke(
+        app,
+        ["burn-in", "--split", str(root / "split/25.json"), "--out", str(root / "b.pt"),
+         "--live", str(root / "blive"), "--scratch", str(root / "scratch"), *common],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    for method in ("cpi_pwa", "supervised"):
+        out = root / method / "model.pt"
+        res = runner.invoke(
+            app,
+            ["train-semi", "--method", method, "--split", str(root / "split/25.json"),
+             "--burn-in", str(root / "b.pt"), "--proposals", str(store), "--out", str(out),
+             "--live", str(root / method / "live"), "--quality", str(root / method / "q.json"),
+             "--scratch", str(root / "scratch"), *common],
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        ckpt = load_checkpoint(out)
+        assert ckpt.meta["method"] == method and ckpt.step == 3
+        assert (ckpt.teacher is not None) == (method != "supervised")
+        assert (root / method / "live" / "metrics.json").is_file()
+        quality = json.loads((root / method / "q.json").read_text())[f"{method}/25"]
+        if method == "supervised":
+            assert quality == {}
+        else:
+            assert set(quality) == {"start", "end"}
+            assert {"raw_mIoU", "refined_mIoU", "match_rate", "pwa_share"} <= set(quality["start"])
+    bad = runner.invoke(
+        app,
+        ["train-semi", "--method", "cpi-sam", "--split", str(root / "split/25.json"),
+         "--burn-in", str(root / "b.pt"), "--out", str(root / "x.pt"), "--live", str(root / "x"),
+         "--quality", str(root / "x.json"), *common],
+    )  # fmt: skip
+    assert bad.exit_code == 2 and "--method 'cpi-sam'" in bad.output
