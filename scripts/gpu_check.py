@@ -12,8 +12,8 @@ Three sections, each against the public SemiRES code's way of doing the same wor
    defaults) on synthetic 640 x 480 images through our one-call-per-image path (the ``sam``
    backend's call, cap, packing and scratch file), beside the public way: SAM once per
    referred object (2.5 calls per image, as RefCOCO) and one JSON of run-length lists per
-   object. Also a variant, named as such: bf16 autocast around the image encoder (CUDA
-   only) and a larger ``points_per_batch``;
+   object. Also the library's GPU setting: ``proposals.precision: bf16`` (image encoder and
+   mask decoder under bf16 autocast; CUDA only here) with a larger ``points_per_batch``;
 3. the teacher-student step (``semires.semi.semi_step``) of the ``paper`` LAVT (Swin-B,
    480 x 480, a random BERT-base) on 8 labeled + 8 unlabeled samples with 100 proposals
    each: samples/s and model FLOP utilisation, beside a step written the public way (fp32,
@@ -350,17 +350,16 @@ def sam_backend(model: torch.nn.Module, settings):
 
 
 def bf16_image_encoder(model: torch.nn.Module) -> Callable[[], None]:
-    """Run SAM's image encoder under bf16 autocast (its output cast back to float32, so the
-    prompt encoder and mask decoder stay as they are). Returns the undo."""
-    enc = model.image_encoder
-    plain = type(enc).forward
+    """``proposals.precision: bf16`` on a model in memory: the library's own switch
+    (image encoder and mask decoder under bf16 autocast, outputs back in float32).
+    Returns the undo."""
+    from semires.proposals.sam import _BF16_MODULES, run_in_bf16
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-            return plain(enc, x).float()
-
-    enc.forward = forward
-    return lambda: vars(enc).pop("forward", None)
+    device_type = next(model.parameters()).device.type
+    mods = [getattr(model, n) for n in _BF16_MODULES if isinstance(getattr(model, n, None), torch.nn.Module)]
+    for m in mods:
+        run_in_bf16(m, device_type)
+    return lambda: [vars(m).pop("forward", None) for m in mods]
 
 
 def section_sam(sizes: Sizes, device: torch.device, deadline: float) -> dict[str, Any]:
@@ -476,7 +475,7 @@ def section_sam(sizes: Sizes, device: torch.device, deadline: float) -> dict[str
         backend = sam_backend(model, settings)
         out["ours"] = run_ours("ours", backend, sizes.sam_images, now + 0.40 * left, tmp)
 
-        # The variant: a named speed option, not the library's behaviour.
+        # proposals.precision bf16 and a larger points_per_batch: the settings for a GPU.
         bf16 = device.type == "cuda"
         vsettings = dataclasses.replace(settings, points_per_batch=sizes.variant_points_per_batch)
         vbackend = sam_backend(model, vsettings)
@@ -654,7 +653,10 @@ def count_host_syncs(fn: Callable[[], Any]) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    return sum("synchronizing" in str(w.message) for w in caught)
+    where = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+    if where:
+        log("train", f"host syncs in one semi_step at: {', '.join(where)}")
+    return len(where)
 
 
 def section_train(sizes: Sizes, device: torch.device, deadline: float, peak: float | None) -> dict[str, Any]:
@@ -836,7 +838,8 @@ def table(report: dict[str, Any]) -> list[str]:
         for key, label in (("ours", "SAM images/s (library path)"), ("variant", "SAM images/s (variant)")):
             v = s[key]
             if key == "variant":
-                label += f" bf16 encoder={v['bf16_image_encoder']}, points_per_batch={v['points_per_batch']}"
+                precision = "bf16" if v["bf16_image_encoder"] else "fp32"
+                label += f" proposals.precision {precision}, points_per_batch={v['points_per_batch']}"
             rows.append(
                 (
                     f"{label}, {s['model']} random",

@@ -77,13 +77,14 @@ class Overlaps(NamedTuple):
     c_area: torch.Tensor
 
 
-def overlaps(c: torch.Tensor, proposals: torch.Tensor) -> Overlaps:
+def overlaps(c: torch.Tensor, proposals: torch.Tensor, blocks: int | None = None) -> Overlaps:
     """Intersections with ``c`` and areas of all proposals, from one batched product.
 
     c: ``B x H x W`` bool; proposals: ``B x N x H x W`` bool. Counts are exact: float32
     holds integers up to 2**24 (a 4096 x 4096 mask) exactly, and the products are of 0/1.
+    ``blocks``: see :func:`_overlaps` (None: the device's choice).
     """
-    return _overlaps(c.reshape(c.shape[0], -1), _flat(proposals))
+    return _overlaps(c.reshape(c.shape[0], -1), _flat(proposals), blocks)
 
 
 def _flat(proposals: torch.Tensor) -> torch.Tensor:
@@ -91,11 +92,35 @@ def _flat(proposals: torch.Tensor) -> torch.Tensor:
     return proposals.reshape(*proposals.shape[:2], -1).to(torch.float32)
 
 
-def _overlaps(c: torch.Tensor, s: torch.Tensor) -> Overlaps:
-    c = c.to(torch.float32)  # B x P
-    rhs = torch.stack([c, torch.ones_like(c)], dim=2)  # B x P x 2
-    prod = torch.bmm(s, rhs)  # B x N x 2: [|S n c|, |S|]
-    return Overlaps(inter=prod[..., 0], area=prod[..., 1], c_area=c.sum(1))
+def pixel_blocks(pixels: int, device: torch.device) -> int:
+    """How many blocks :func:`_overlaps` cuts the pixels into: 1 on the CPU; on a GPU the
+    largest divisor of ``pixels`` up to 64."""
+    if device.type == "cpu":
+        return 1
+    return max(g for g in range(1, 65) if pixels % g == 0)
+
+
+def _overlaps(c: torch.Tensor, s: torch.Tensor, blocks: int | None = None) -> Overlaps:
+    """``c``: ``B x P``; ``s``: ``B x N x P`` float32.
+
+    One product ``S @ [c, 1]`` per sample gives ``|S n c|`` and ``|S|``. Over all ``P``
+    pixels at once it has only ``N x 2`` outputs, each a sum over every pixel: a GPU then
+    runs a few long sums on a few cores. In ``blocks`` blocks of pixels (batch entries of
+    one product, a view: nothing is copied) it runs that many times more, shorter sums in
+    parallel, and adds the partial counts; the CPU is fastest with one block.
+    """
+    b, n, p = s.shape
+    g = pixel_blocks(p, s.device) if blocks is None else blocks
+    cf = c.to(torch.float32)
+    rhs = torch.stack([cf, torch.ones_like(cf)], dim=2)  # B x P x 2
+    if g == 1:
+        prod = torch.bmm(s, rhs)  # B x N x 2: [|S n c|, |S|]
+    else:
+        q = p // g
+        prod = torch.stack(
+            [torch.bmm(s[i].view(n, g, q).transpose(0, 1), rhs[i].view(g, q, 2)).sum(0) for i in range(b)]
+        )
+    return Overlaps(inter=prod[..., 0], area=prod[..., 1], c_area=cf.sum(1))
 
 
 def pwa_weights(p: torch.Tensor, *, offset: float = 1.3, mean: float = 0.5, var: float = 0.1) -> torch.Tensor:

@@ -108,6 +108,7 @@ class ProposalsParams:
     checkpoint: str = "models/sam_vit_h_4b8939.pth"
     sam2_config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
     sam2_checkpoint: str = "models/sam2.1_hiera_large.pt"
+    precision: str = "fp32"  # sam/sam2: fp32 (the paper's) or bf16 (autocast: faster on GPUs)
     generator: GeneratorParams = dataclasses.field(default_factory=GeneratorParams)
     offline: OfflineProposalParams = dataclasses.field(default_factory=OfflineProposalParams)
     max_masks: int = 256
@@ -126,6 +127,12 @@ class ProposalsParams:
             self.model_type,
             f"expected one of {', '.join(SAM_MODEL_TYPES)} (tiny: a random test model)",
         )
+        check(
+            self.precision in ("fp32", "bf16"),
+            "proposals.precision",
+            self.precision,
+            "expected fp32 (the paper's) or bf16",
+        )
         check(1 <= self.max_masks <= 4096, "proposals.max_masks", self.max_masks, "expected 1..4096")
         check(1 <= self.shard_images <= 4096, "proposals.shard_images", self.shard_images, "expected 1..4096")
 
@@ -135,13 +142,20 @@ def make_backend(p: ProposalsParams, device: Any) -> Backend:
     if p.backend == "sam":
         from semires.proposals.sam import SamBackend, SamSettings
 
-        return SamBackend(p.model_type, p.checkpoint, SamSettings(**asdict(p.generator)), device=device)
+        return SamBackend(
+            p.model_type,
+            p.checkpoint,
+            SamSettings(**asdict(p.generator)),
+            device=device,
+            precision=p.precision,
+        )
     if p.backend == "sam2":
         from semires.proposals.sam2 import Sam2Backend, Sam2Settings
 
         return Sam2Backend(
-            p.sam2_config, p.sam2_checkpoint, Sam2Settings(**asdict(p.generator)), device=device
-        )
+            p.sam2_config, p.sam2_checkpoint, Sam2Settings(**asdict(p.generator)), device=device,
+            precision=p.precision,
+        )  # fmt: skip
     from semires.proposals.offline import FelzenszwalbMultiscale, OfflineSettings
 
     o = p.offline

@@ -81,6 +81,19 @@ def test_sam_backend_runs_the_real_automatic_mask_generator(proposals_synth, pro
     assert cfg["settings"]["points_per_side"] == 4
 
 
+def test_sam_backend_in_bf16_runs_the_same_generator_under_autocast(proposals_synth, proposals_tiny_ckpt):
+    """The GPU speed option, on the CPU: same code path, bf16 autocast, its own store identity."""
+    image, _ = read_image(next((proposals_synth / "images/synthref").glob("*train*")))
+    fp32 = SamBackend("tiny", proposals_tiny_ckpt, LOOSE)
+    bf16 = SamBackend("tiny", proposals_tiny_ckpt, LOOSE, precision="bf16")
+    p = bf16(image)
+    assert len(p) >= 1
+    _check_consistent(p, *image.shape[:2])
+    assert fp32.config()["precision"] == "fp32" and bf16.config()["precision"] == "bf16"
+    with pytest.raises(SemiresError, match="proposals.precision = 'fp16'"):
+        SamBackend("tiny", proposals_tiny_ckpt, LOOSE, precision="fp16")
+
+
 def test_sam_missing_checkpoint_names_the_file(tmp_path):
     with pytest.raises(SemiresError, match=r"nothere\.pth: SAM checkpoint not found"):
         SamBackend("vit_b", tmp_path / "nothere.pth")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from semires.refine import RefineConfig, overlaps, pwa_weights, refine
+from semires.refine import RefineConfig, overlaps, pixel_blocks, pwa_weights, refine
 
 
 def loop_reference(prob, proposals, valid, cfg):
@@ -150,6 +150,24 @@ def test_overlaps_are_exact_counts():
     ov = overlaps(c, props)
     assert ov.inter.tolist() == [[45000.0, 15000.0]]
     assert ov.area.tolist() == [[90000.0, 60000.0]] and ov.c_area.tolist() == [45000.0]
+
+
+@pytest.mark.parametrize("blocks", [2, 7, 60])
+def test_overlaps_in_pixel_blocks_equal_one_product(blocks):
+    """The GPU's blocked product (see pixel_blocks) gives the CPU's counts, exactly."""
+    g = torch.Generator().manual_seed(blocks)
+    props = torch.rand(3, 9, 30, 14, generator=g) > 0.6
+    c = torch.rand(3, 30, 14, generator=g) > 0.4
+    one, split = overlaps(c, props, blocks=1), overlaps(c, props, blocks=blocks)
+    for a, b in zip(one, split, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gpu_pixel_blocks_divide_the_pixels():
+    assert pixel_blocks(480 * 480, torch.device("cpu")) == 1
+    assert pixel_blocks(480 * 480, torch.device("cuda")) == 64
+    assert pixel_blocks(479 * 479, torch.device("cuda")) == 1
+    assert pixel_blocks(64 * 64, torch.device("cuda")) == 64
 
 
 def test_strategy_none_keeps_teacher_labels():

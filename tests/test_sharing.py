@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from .test_pipeline import SMALL, _edit_params, _ran, _sh, copy_project, stage_names
@@ -11,7 +13,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
-    """Clone A ran the pipeline and pushed outputs + run-cache; clone B is a fresh git clone of A."""
+    """Clone A ran the pipeline and pushed outputs + run-cache; clone B is a fresh git clone of A.
+
+    dvc.lock stays out of git (it records one machine's run): a clone finds every stage's
+    outputs through the run-cache, keyed by the stage's code, inputs and params."""
     root = tmp_path_factory.mktemp("team")
     a = copy_project(root / "a")
     _edit_params(a, SMALL)
@@ -20,11 +25,17 @@ def team(tmp_path_factory):
     _sh(a, "git", "commit", "-qm", "project")
     _sh(a, "dvc", "repro")
     _sh(a, "dvc", "push", "--run-cache")
-    _sh(a, "git", "add", "dvc.lock")
-    _sh(a, "git", "commit", "-qm", "results")
-    b = root / "b"
-    _sh(root, "git", "clone", "-q", str(a), str(b))
+    b = clone(a, root / "b")
     return a, b
+
+
+def clone(a: Path, dest: Path) -> Path:
+    _sh(dest.parent, "git", "clone", "-q", str(a), str(dest))
+    return dest
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
 
 
 def test_clone_restores_everything_without_running(team):
@@ -45,3 +56,30 @@ def test_changed_param_in_clone_runs_only_what_reads_it(team):
     assert "split" in ran
     assert not ran & {"synth", "extract", "propose"}, f"upstream stages reran: {sorted(ran)}"
     assert ran <= stage_names(b)
+
+
+def test_changed_training_param_in_fresh_clone_trains_again_and_fetches_the_rest(team, tmp_path):
+    """A teammate changes semi.lr and runs `dvc repro --pull`: only the teacher-student stages
+    and those after them run; everything upstream, the proposals included, comes from the remote."""
+    a, _ = team
+    c = clone(a, tmp_path / "c")
+    lr = 2 * SMALL.get("semi", {}).get("lr", 5e-4)
+    _edit_params(c, {"semi": {"lr": lr}})
+    out = _sh(c, "dvc", "repro", "--pull")
+    ran = _ran(out)
+    names = stage_names(c)
+    after = {s for s in names if s.split("@")[0] in ("train_semi", "evaluate_semi", "report")}
+    assert {s for s in names if s.startswith("train_semi@")}, "no teacher-student stage in dvc.yaml"
+    assert ran == after, f"ran {sorted(ran)}, expected {sorted(after)}"
+    assert "propose" not in ran
+    assert tree(c / "data/proposals.zarr") == tree(a / "data/proposals.zarr"), (
+        "the store must come from the remote"
+    )
+    for path in ("data/anns.json", "data/split/10.json", "data/burn_in/10/model.pt"):
+        assert (c / path).read_bytes() == (a / path).read_bytes(), path
+    trained = sorted(s.split("@")[1] for s in ran if s.startswith("train_semi@"))
+    for cell in trained:
+        method, fraction = cell.rsplit("-", 1)
+        model = f"data/train_semi/{method}/{fraction}/model.pt"
+        assert (c / model).read_bytes() != (a / model).read_bytes(), f"{model} did not change with semi.lr"
+    assert "Data and pipelines are up to date" in _sh(c, "dvc", "repro")

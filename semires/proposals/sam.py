@@ -154,17 +154,65 @@ def load_sam(
     return model.eval()
 
 
+PRECISIONS = ("fp32", "bf16")
+# The networks of each generator's model that run in bf16 with precision "bf16".
+_BF16_MODULES = ("image_encoder", "mask_decoder", "sam_mask_decoder")
+
+
+def _floats(x: Any) -> Any:
+    """Every floating tensor in ``x`` (tensors, tuples, lists, dicts) as float32."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, tuple | list):
+        return type(x)(_floats(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _floats(v) for k, v in x.items()}
+    return x
+
+
+def run_in_bf16(module: torch.nn.Module, device_type: str) -> None:
+    """Run ``module`` under bf16 autocast from now on; its outputs come back as float32, so
+    the generator's own post-processing (thresholds, NumPy conversion) is unchanged."""
+    forward = module.forward
+
+    def bf16_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return _floats(forward(*args, **kwargs))
+
+    module.forward = bf16_forward
+
+
 class AutomaticMaskBackend:
     """A backend around an automatic mask generator (SAM's or SAM 2's): one ``generate``
-    call per image, counted in ``calls``."""
+    call per image, counted in ``calls``.
+
+    ``precision``: ``fp32`` (the paper's) or ``bf16``: the image encoder and the mask
+    decoder under bf16 autocast (their outputs back in float32), on whatever device the
+    model is. bf16 changes the masks a little (thresholds on predicted IoU and stability
+    meet rounded values), so it is part of :meth:`config` and of the store's identity."""
 
     generator: Any
     calls: int = 0
+    precision: str = "fp32"
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> Proposals:
         self.calls += 1
         return records_to_proposals(self.generator.generate(image), image.shape[:2])
+
+    @staticmethod
+    def check_precision(precision: str) -> str:
+        if precision not in PRECISIONS:
+            raise SemiresError(
+                f"proposals.precision = {precision!r}: expected one of {', '.join(PRECISIONS)}"
+            )
+        return precision
+
+    def _apply_precision(self, model: torch.nn.Module, device: torch.device | str) -> None:
+        if self.precision == "bf16":
+            for name in _BF16_MODULES:
+                if isinstance(getattr(model, name, None), torch.nn.Module):
+                    run_in_bf16(getattr(model, name), torch.device(device).type)
 
 
 class SamBackend(AutomaticMaskBackend):
@@ -179,13 +227,16 @@ class SamBackend(AutomaticMaskBackend):
         settings: SamSettings | None = None,
         device: torch.device | str = "cpu",
         builders: Mapping[str, Callable[..., torch.nn.Module]] | None = None,
+        precision: str = "fp32",
     ) -> None:
         from segment_anything import SamAutomaticMaskGenerator
 
+        self.precision = self.check_precision(precision)
         self.model_type = model_type
         self.checkpoint = Path(checkpoint)
         self.settings = settings or SamSettings()
         model = load_sam(model_type, self.checkpoint, builders).to(device)
+        self._apply_precision(model, device)
         self.sha256 = file_sha256(self.checkpoint)
         self.generator = SamAutomaticMaskGenerator(model, output_mode="binary_mask", **asdict(self.settings))
         self.calls = 0
@@ -196,6 +247,7 @@ class SamBackend(AutomaticMaskBackend):
             "description": "segment-anything SamAutomaticMaskGenerator",
             "model_type": self.model_type,
             "checkpoint_sha256": self.sha256,
+            "precision": self.precision,
             "settings": dict(sorted(asdict(self.settings).items())),
         }
 

@@ -64,8 +64,10 @@ class Sam2Backend(AutomaticMaskBackend):
         checkpoint: str | Path,
         settings: Sam2Settings | None = None,
         device: torch.device | str = "cpu",
+        precision: str = "fp32",
     ) -> None:
         build_sam, amg = _import_sam2()
+        self.precision = self.check_precision(precision)
         self.model_config = config
         self.checkpoint = Path(checkpoint)
         self.settings = settings or Sam2Settings()
@@ -86,6 +88,7 @@ class Sam2Backend(AutomaticMaskBackend):
                 f"({len(bad)} names or shapes differ, e.g. {bad[0]}); use the config of the checkpoint's size"
             )
         model.load_state_dict(sd, strict=True)
+        self._apply_precision(model, device)
         self.sha256 = file_sha256(self.checkpoint)
         self.generator = amg.SAM2AutomaticMaskGenerator(
             model, output_mode="binary_mask", **asdict(self.settings)
@@ -98,5 +101,6 @@ class Sam2Backend(AutomaticMaskBackend):
             "description": "sam2 SAM2AutomaticMaskGenerator",
             "model_config": self.model_config,
             "checkpoint_sha256": self.sha256,
+            "precision": self.precision,
             "settings": dict(sorted(asdict(self.settings).items())),
         }
