@@ -48,6 +48,7 @@ from semires.train import (
     Evaluation,
     LoopResult,
     autocast,
+    class_weight_tensor,
     evaluate,
     gather_objects,
     load_checkpoint,
@@ -220,7 +221,7 @@ def unsupervised_loss(logits: torch.Tensor, refined: Refined, class_weights: Seq
     mean over their pixels. The result is the mean of the terms of the groups present; 0
     for an empty batch. No host sync.
     """
-    w = torch.tensor(class_weights, dtype=torch.float32, device=logits.device)
+    w = class_weight_tensor(tuple(class_weights), logits.device)
     per_pixel = F.cross_entropy(logits.float(), refined.labels, weight=w, reduction="none")  # B x H x W
     m = refined.matched.to(torch.float32)[:, None, None]
     u = 1.0 - m

@@ -11,6 +11,7 @@ wrote them).
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 import zipfile
@@ -74,6 +75,13 @@ def poly_schedule(optimizer: torch.optim.Optimizer, *, total_steps: int, power: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_factor(s, total_steps, power))
 
 
+@functools.lru_cache(maxsize=16)
+def class_weight_tensor(class_weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The class weights on ``device``, made once: a fresh host-to-GPU copy every step would
+    make the step wait for the host."""
+    return torch.tensor(class_weights, dtype=torch.float32, device=device)
+
+
 def segmentation_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -86,7 +94,7 @@ def segmentation_loss(
     Without pixel weights this is ``F.cross_entropy(weight=class_weights)`` (the weighted
     mean); with them, each pixel's term is also scaled by its weight, same normaliser.
     """
-    w = torch.tensor(class_weights, dtype=torch.float32, device=logits.device)
+    w = class_weight_tensor(tuple(class_weights), logits.device)
     if pixel_weights is None:
         return F.cross_entropy(logits.float(), target, weight=w)
     per_pixel = F.cross_entropy(logits.float(), target, weight=w, reduction="none")

@@ -115,6 +115,18 @@ def test_table_cells_and_gap_share(trained):
     ]
 
 
+def test_cells_the_params_no_longer_ask_for_are_left_out(trained):
+    """DVC keeps the outputs of a fraction or method removed from params.yaml on disk."""
+    r = rep.load_results(trained / "eval", trained / "train_semi")
+    kept = rep.configured(r, burn_in=[5, 100], methods=["cpi_pwa", "supervised"], fractions=[5])
+    assert sorted(kept.evals) == [
+        ("burn_in", "burn_in", 5.0), ("burn_in", "burn_in", 100.0),
+        ("train_semi", "cpi_pwa", 5.0), ("train_semi", "supervised", 5.0),
+    ]  # fmt: skip
+    assert sorted(kept.quality) == [("cpi_pwa", 5.0)]  # the control has no pseudo-labels
+    assert "iom" not in rep.results_markdown(kept)
+
+
 def test_gap_share_arithmetic():
     assert rep.gap_closed(25.0, 20.0, 40.0) == pytest.approx(25.0)
     assert rep.gap_closed(45.0, 20.0, 40.0) == pytest.approx(125.0)  # beyond the ceiling
@@ -292,6 +304,7 @@ def project(tmp_path_factory):
     write_metrics(root / "eval", "train_semi/supervised/50", 21.0)
     params = {
         "dataset": {"image_dir": str(root / "refer" / "images" / "synthref")},
+        "split": {"fractions": [50, 100]},
         "semi": {"fractions": [50], "methods": ["supervised", "cpi_pwa"]},
         "report": {"samples": 3, "dpi": 50},
     }

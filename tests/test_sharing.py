@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .test_pipeline import SMALL, _edit_params, _ran, _sh, copy_project, stage_names
 
@@ -63,8 +64,8 @@ def test_changed_training_param_in_fresh_clone_trains_again_and_fetches_the_rest
     and those after them run; everything upstream, the proposals included, comes from the remote."""
     a, _ = team
     c = clone(a, tmp_path / "c")
-    lr = 2 * SMALL.get("semi", {}).get("lr", 5e-4)
-    _edit_params(c, {"semi": {"lr": lr}})
+    lr = yaml.safe_load((c / "params.yaml").read_text())["semi"]["lr"]
+    _edit_params(c, {"semi": {"lr": lr / 2}})
     out = _sh(c, "dvc", "repro", "--pull")
     ran = _ran(out)
     names = stage_names(c)
