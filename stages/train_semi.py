@@ -26,6 +26,7 @@ from semires.atomic import atomic_path, write_json
 from semires.data import ColourJitter, Compose, ExpressionDataset, HorizontalFlip
 from semires.errors import SemiresError
 from semires.model.build import count_parameters
+from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig
 from semires.semi import SemiConfig, UnlabeledDataset, train_semi
 from semires.train import LoopConfig, load_model, save_checkpoint, train_supervised
@@ -228,9 +229,15 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
     labeled = set(labeled_ids)
     lab_refs = [r for r in train_refs if r.image_id in labeled]
     unl_refs = [r for r in train_refs if r.image_id not in labeled and r.sentences]
+    if not any(r.sentences for r in lab_refs):
+        raise SemiresError(
+            f"{split_path}: none of its {len(labeled)} labeled images has a referring expression in "
+            f"{anns_path}; the split was drawn from another annotation file: rerun `semires split`"
+        )
     control = parse_method(method) is None
     if not control and not unl_refs:
         raise SemiresError(f"{split_path}: no unlabeled images at {percent:g}%; semi-supervised needs some")
+    store = None if control else ProposalStore(proposals)  # missing or damaged: one message, before any work
     key = run_key(method, sp, labeled_ids, anns_path, burn_in_path, proposals)
     scratch = scratch_root / f"{method}-{split_path.stem}-{key}"
     tok = spec.make_tokenizer()
@@ -298,7 +305,7 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
         geometric = Compose([HorizontalFlip()]) if aug.flip else None
         photometric = ColourJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)
         unl_set = UnlabeledDataset(
-            unl_refs, dp.image_dir, tok, proposals, image_size=size, max_tokens=tokens,
+            unl_refs, dp.image_dir, tok, store, image_size=size, max_tokens=tokens,
             geometric=geometric, photometric=photometric,
         )  # fmt: skip
         quality_set = UnlabeledDataset(

@@ -241,11 +241,6 @@ NEEDS_STORE_CHECK = (
     "ProposalStore does not check its files yet: a deleted shard reads as no masks (exit 0, outputs "
     "rewritten), a cut zarr.json or shard is a traceback; needs the semires/proposals/store.py change"
 )
-NEEDS_STORE_FIRST = (
-    "train-semi hashes data/proposals.zarr/zarr.json before opening the store: a traceback; needs the "
-    "stages/train_semi.py change (open the ProposalStore before run_key)"
-)
-
 CASES = {
     # images
     "burn-in: labeled image missing": Case(
@@ -346,7 +341,6 @@ CASES = {
         damaged_store("missing"),
         "no proposals store here",
         "run `semires propose`",
-        xfail=NEEDS_STORE_FIRST,
     ),
     "train-semi: store zarr.json truncated": Case(
         "train-semi",

@@ -14,10 +14,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
-    """Clone A ran the pipeline and pushed outputs + run-cache; clone B is a fresh git clone of A.
-
-    dvc.lock stays out of git (it records one machine's run): a clone finds every stage's
-    outputs through the run-cache, keyed by the stage's code, inputs and params."""
+    """Clone A ran the pipeline, pushed outputs + run-cache and committed dvc.lock (README's
+    team workflow); clone B is a fresh git clone of A."""
     root = tmp_path_factory.mktemp("team")
     a = copy_project(root / "a")
     _edit_params(a, SMALL)
@@ -26,6 +24,8 @@ def team(tmp_path_factory):
     _sh(a, "git", "commit", "-qm", "project")
     _sh(a, "dvc", "repro")
     _sh(a, "dvc", "push", "--run-cache")
+    _sh(a, "git", "add", "dvc.lock")
+    _sh(a, "git", "commit", "-qm", "results")
     b = clone(a, root / "b")
     return a, b
 
