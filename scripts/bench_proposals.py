@@ -7,7 +7,8 @@ This script stores the same masks both ways and reports bytes per mask and milli
 load one image's masks at the training size, on
 
 (a) the synthetic dataset's train images with the offline backend (and its calls per image);
-(b) SAM-like masks: smooth random blobs at 640 x 480, about 100 per image.
+(b) SAM-like masks: smooth random blobs at 640 x 480, about 100 per image, with scores drawn
+    like SAM's (predicted IoU and stability score, as float32).
 
     python scripts/bench_proposals.py [--images 40] [--sam-like-images 4] [--size 480]
 """
@@ -181,9 +182,13 @@ def main() -> None:
         rows[-1]["calls_per_image"] = backend.calls / len(synth)
         rows[-1]["backend_s_per_image"] = seconds / len(synth)
 
-        rng = np.random.default_rng(0)
+        rng, scores = np.random.default_rng(0), np.random.default_rng(1)
         like = {
-            i: Proposals.from_masks(sam_like_masks(rng, args.masks_per_image, 480, 640))
+            i: Proposals.from_masks(
+                sam_like_masks(rng, args.masks_per_image, 480, 640),
+                predicted_iou=scores.uniform(0.88, 1.0, args.masks_per_image),
+                stability_score=scores.uniform(0.92, 1.0, args.masks_per_image),
+            )
             for i in range(args.sam_like_images)
         }
         rows.append(compare("SAM-like blobs", like, args.size, tmp / "b", args.repeat))

@@ -24,7 +24,7 @@ from semires.atomic import atomic_path
 from semires.errors import SemiresError
 from semires.model.build import build_from_spec
 from semires.semi import UnlabeledDataset
-from semires.train import load_checkpoint
+from semires.train import load_checkpoint, state_dict_misfit
 from stages.burn_in import read_labeled
 from stages.common import DEFAULT_PARAMS, ParamsOption, log, stage_command
 from stages.params import DatasetParams, check, section
@@ -143,10 +143,13 @@ def pseudo_label_examples(
     nets = []
     for name, state in (("teacher", ckpt.teacher), ("model", ckpt.model)):
         net = build_from_spec(ckpt.spec)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as e:
-            raise SemiresError(f"{checkpoint}: {name} weights do not fit the model it describes ({e})") from e
+        misfit = state_dict_misfit(net, state)
+        if misfit is not None:
+            raise SemiresError(
+                f"{checkpoint}: {name} weights do not fit the model it describes ({misfit}); "
+                "delete it and rerun train_semi"
+            )
+        net.load_state_dict(state)
         nets.append(net)
     teacher, student = nets
     split_path = split_root / f"{rep.percent(fraction)}.json"

@@ -237,10 +237,6 @@ class Case:
     xfail: str | None = None
 
 
-NEEDS_STORE_CHECK = (
-    "ProposalStore does not check its files yet: a deleted shard reads as no masks (exit 0, outputs "
-    "rewritten), a cut zarr.json or shard is a traceback; needs the semires/proposals/store.py change"
-)
 CASES = {
     # images
     "burn-in: labeled image missing": Case(
@@ -327,14 +323,12 @@ CASES = {
         damaged_store("shard file deleted"),
         "damaged proposals store",
         "semires propose",
-        xfail=NEEDS_STORE_CHECK,
     ),
     "train-semi: store shard file cut short": Case(
         "train-semi",
         damaged_store("shard file cut short"),
         "damaged proposals store",
         "semires propose",
-        xfail=NEEDS_STORE_CHECK,
     ),
     "train-semi: no proposals store": Case(
         "train-semi",
@@ -347,7 +341,6 @@ CASES = {
         damaged_store("zarr.json truncated"),
         "damaged proposals store",
         "semires propose",
-        xfail=NEEDS_STORE_CHECK,
     ),
     # REFER files
     "extract: refs pickle that imports code": Case(

@@ -1,6 +1,9 @@
-"""The proposals store: bit packing, nearest resize on packed bits, write/read round trip."""
+"""The proposals store: bit packing, the edge encoding, nearest resize on packed bits,
+write/read round trip."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -10,16 +13,25 @@ import torch.nn.functional as F
 from semires.errors import SemiresError
 from semires.proposals.base import Proposals, cap, mask_boxes
 from semires.proposals.store import (
+    EDGES,
+    HEADER,
+    PLAIN,
     ImageResult,
     Layout,
     ProposalStore,
     Scratch,
     _pick_bits,
+    _prefix_xor,
     create,
+    decode_masks,
+    decode_rows,
+    encode_masks,
+    encoded_size,
     finish,
     nearest_index,
     pack_masks,
     resize_packed,
+    resize_rows,
     unpack_masks,
     write_shard,
 )
@@ -43,6 +55,78 @@ def test_pack_round_trip_odd_width():
     packed = pack_masks(masks)
     assert packed.dtype == np.uint8 and packed.size == 3 * 5 * 2
     assert np.array_equal(unpack_masks(packed, 3, 5, 13), masks)
+
+
+def _masks_of_every_kind(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Blobs, noise, empty, full, one pixel in each corner, one column, one row."""
+    blobs = _blobs(rng, 3, max(h, 4), max(w, 4))[:, :h, :w]
+    masks = [blobs, rng.random((2, h, w)) > 0.5, np.zeros((2, h, w), bool)]
+    one = np.zeros((6, h, w), bool)
+    one[0] = True
+    one[1, 0, 0] = one[2, 0, w - 1] = one[3, h - 1, 0] = one[4, h - 1, w - 1] = True
+    one[5, :, w // 2] = True
+    masks.append(one)
+    return np.concatenate(masks)
+
+
+@pytest.mark.parametrize(
+    ("h", "w"), [(1, 1), (1, 17), (5, 13), (7, 8), (9, 16), (3, 9), (31, 257), (1, 300), (12, 63)]
+)
+def test_edge_encoding_round_trips_every_size(h, w):
+    rng = np.random.default_rng(h * 1000 + w)
+    masks = _masks_of_every_kind(rng, h, w)
+    n = len(masks)
+    for pick in (np.arange(n), [0, 1, 2], [5, 6], [7, 8, 9, 10, 11, 12], [0], []):
+        m = masks[pick]
+        packed = pack_masks(m)
+        row = encode_masks(packed, len(m), h, w)
+        assert encoded_size(row[:HEADER]) == row.size
+        assert np.array_equal(decode_masks(row, len(m), h, w), packed)
+        rows, packed_rows = decode_rows(row, len(m), h, w)
+        assert np.array_equal(rows, np.flatnonzero(m.reshape(-1, w).any(axis=1)))
+        assert np.array_equal(
+            unpack_masks(packed_rows.reshape(-1), 1, len(rows), w)[0], m.reshape(-1, w)[rows]
+        )
+
+
+def test_smooth_masks_take_the_edges_and_noise_the_plain_bits():
+    rng = np.random.default_rng(4)
+    blobs = _blobs(rng, 8, 64, 80)
+    row = encode_masks(pack_masks(blobs), 8, 64, 80)
+    assert row[0] == EDGES and row.size < (HEADER + blobs.size // 8) / 3
+    noise = rng.random((2, 16, 24)) > 0.5
+    row = encode_masks(pack_masks(noise), 2, 16, 24)
+    assert row[0] == PLAIN and row.size == HEADER + noise.size // 8
+    assert np.array_equal(decode_masks(row, 2, 16, 24), pack_masks(noise))
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_bits_past_the_width_are_not_stored(noise):
+    rng = np.random.default_rng(5)
+    masks = rng.random((3, 40, 29)) > 0.5 if noise else _blobs(rng, 3, 40, 29)
+    packed = pack_masks(masks)
+    dirty = packed.reshape(120, 4) | np.array([0, 0, 0, 0xE0], np.uint8)  # bits 29..31: padding
+    row = encode_masks(dirty.reshape(-1), 3, 40, 29)
+    assert row[0] == (PLAIN if noise else EDGES)
+    assert np.array_equal(decode_masks(row, 3, 40, 29), packed)
+
+
+def test_prefix_xor_long_and_short():
+    a = np.random.default_rng(7).integers(0, 256, 100_003).astype(np.uint8)
+    assert np.array_equal(_prefix_xor(a), np.bitwise_xor.accumulate(a))
+    assert np.array_equal(_prefix_xor(a[:5]), np.bitwise_xor.accumulate(a[:5]))
+
+
+@pytest.mark.parametrize("size", [(16, 16), (64, 80), (150, 97), (40, 200), (7, 3)])
+def test_resize_from_nonempty_rows_equals_interpolate_nearest(size):
+    """Blobs leave most rows empty: only the others are computed."""
+    masks = _masks_of_every_kind(np.random.default_rng(8), 45, 61)
+    n = len(masks)
+    rows, packed_rows = decode_rows(encode_masks(pack_masks(masks), n, 45, 61), n, 45, 61)
+    assert len(rows) < n * 45
+    got = resize_rows(rows, packed_rows, n, 45, 61, size)
+    want = F.interpolate(torch.from_numpy(masks).float()[None], size=size, mode="nearest")[0] > 0.5
+    assert got.dtype == torch.bool and torch.equal(got, want)
 
 
 @pytest.mark.parametrize(
@@ -124,8 +208,11 @@ def test_store_round_trip(tmp_path, proposals_images):
         assert s.size(i) == p.masks.shape[1:]
         assert torch.equal(s.masks(i), torch.from_numpy(p.masks))
         np.testing.assert_array_equal(s.attrs(i), p.attrs())
+        back = s.proposals(i)
+        assert np.array_equal(back.masks, p.masks) and np.array_equal(back.attrs(), p.attrs(), equal_nan=True)
         if len(p) == 0:
             continue
+        assert np.array_equal(s.packed(i), pack_masks(p.masks))
         want = F.interpolate(torch.from_numpy(p.masks).float()[None], size=(16, 20), mode="nearest")[0] > 0.5
         assert torch.equal(s.masks(i, size=(16, 20)), want)
     assert s.masks(11, size=(8, 8)).shape == (0, 8, 8)
@@ -180,3 +267,41 @@ def test_scratch_round_trip(tmp_path, proposals_images):
     assert (r.num_masks, r.found, r.source_sha256) == (5, 12, "abc")
     assert np.array_equal(unpack_masks(r.packed, r.num_masks, r.height, r.width), p.masks)
     assert [f.name for f in (tmp_path / "s").iterdir()] == ["7.npz"]
+
+
+def test_attributes_unlike_the_masks_come_back_bit_for_bit(tmp_path, proposals_images):
+    """Attributes are stored relative to the masks' own area and box: any others, NaN and -0.0
+    too, come back unchanged."""
+    layout = Layout.build({i: p.masks.shape[1:] for i, p in proposals_images.items()}, 8, 5, 512)
+    create(tmp_path / "p.zarr", layout, CONFIG)
+    rng = np.random.default_rng(9)
+    items = []
+    for i, _, _ in layout.images:
+        p = proposals_images[i]
+        attrs = rng.normal(size=(len(p), 7)).astype(np.float32) * 1e3
+        attrs[:1, 0], attrs[1:2, 3], attrs[2:3, 5] = np.nan, -0.0, np.inf
+        items.append(ImageResult(pack_masks(p.masks), attrs, len(p), *p.masks.shape[1:], len(p), ""))
+    write_shard(tmp_path / "p.zarr", layout, 0, items)
+    finish(tmp_path / "p.zarr", np.array([r.num_masks for r in items]))
+    s = ProposalStore(tmp_path / "p.zarr")
+    for (i, _, _), r in zip(layout.images, items, strict=True):
+        assert np.array_equal(s.attrs(i).view(np.uint32), r.attrs.view(np.uint32))
+
+
+def test_store_of_the_first_format_is_refused_with_what_to_do(tmp_path, proposals_images):
+    path = tmp_path / "p.zarr"
+    _write_store(path, proposals_images, shard_images=4)
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["version"] = 1
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(SemiresError, match=r"not a semires-proposals v2 store .*version 1.*semires propose"):
+        ProposalStore(path)
+
+
+def test_a_deleted_shard_is_an_error_not_empty_masks(tmp_path, proposals_images):
+    """zarr reads a missing shard as zeros: the store checks its shard files when opened."""
+    path = tmp_path / "p.zarr"
+    _write_store(path, proposals_images, shard_images=2)
+    (path / "masks/c/0/0").unlink()  # images 3 and 5
+    with pytest.raises(SemiresError, match=r"damaged proposals store \(masks/c/0/0: shard file missing\)"):
+        ProposalStore(path)

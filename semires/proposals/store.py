@@ -7,13 +7,16 @@ Layout (images in ascending ``image_id`` order, ``I`` images, at most ``M`` mask
     image_id         I int64
     height, width    I int32, the image's own size
     num_masks        I int32
-    masks            I x C uint8: row i holds image i's masks bit-packed, ``N x H x ceil(W/8)``
-                     flattened (np.packbits along W, little bit order), zeros after them;
-                     C = M * max H * ceil(max W / 8) rounded up to whole inner chunks.
-                     Inner chunks ``1 x chunk_bytes`` (1 MiB, zstd level 12), shards ``S x C``: one file per S
-                     images; chunks past an image's masks stay all-zero and are not stored.
-    attrs            I x M x 7 float32: predicted_iou, stability_score, area, x, y, w, h;
-                     NaN after the image's N masks. Shards ``S x M x 7``.
+    masks            I x C uint8: row i holds image i's ``N`` masks (``H x W`` each), encoded as
+                     below, zeros after them; C = 9 + M * max H * ceil(max W / 8) rounded up to
+                     whole inner chunks. Inner chunks ``1 x chunk_bytes`` (1 MiB, zstd level 19),
+                     shards ``S x C``: one file per S images; chunks past an image's masks stay
+                     all-zero and are not stored.
+    attrs            I x M x 7 float32: predicted_iou, stability_score, area, x, y, w, h, each
+                     stored as its bits XOR those of what the masks themselves give
+                     (:func:`mask_attrs`: their area and box, 0 for the scores), so that a
+                     backend's area and box cost next to nothing; NaN after the image's N
+                     masks. Shards ``S x M x 7``.
 
 Each shard is written whole, by one process (zarr rewrites a whole shard on every partial
 write, so two writers of one shard lose data: zarr-python issues 3682 and 3413). Which
@@ -22,6 +25,29 @@ the number of processes.
 
 While a run is in progress every finished image is kept in a :class:`Scratch` folder, one
 small ``.npz`` each, written atomically, so a killed run resumes where it stopped.
+
+How a row of ``masks`` holds an image's masks (version 2; :func:`encode_masks`). A row of
+mask pixels is stored as its *edges*: the columns ``x`` in ``0..W`` where a pixel differs from
+the one before it (outside the image counts as empty), so a row has an even number of edges
+and its runs of ones are ``[x_0, x_1), [x_2, x_3), ...``. Object masks are smooth blobs, so a
+row's edges are nearly those of the row above, and most rows of most masks have none. The
+encoded row starts with 9 bytes: the encoding (uint8) and the encoded length in bytes, these
+9 included (uint64, little endian).
+
+* encoding 2, edges: 3 bytes (the size in bytes, 1, 2, 4 or 8, of the numbers of each of the
+  three streams that follow), then the streams. ``counts``: the number of edges of each of the
+  ``N x H`` mask rows. Consecutive rows of one mask with the same, nonzero number ``K`` of
+  edges form a *block*, whose edges are taken edge by edge (edge ``k`` along all the block's
+  rows, then edge ``k + 1``). ``moves``: every row but a block's first, each edge's move from
+  the row above, ``x_k(r) - x_k(r - 1)``, zigzag coded (``2d`` for ``d >= 0``, ``-2d - 1``
+  below). ``firsts``: each block's first row, ``x_0`` then the gaps ``x_k - x_(k-1)``. Each
+  stream is stored as byte planes, least significant first, so small numbers leave the upper
+  planes all zero.
+* encoding 1, plain: the masks bit-packed, ``N x H x ceil(W/8)`` (np.packbits along W, little
+  bit order), where the edges would take more bytes (noise-like masks).
+
+Both give back exactly the masks written. :meth:`ProposalStore.masks` decodes the nonempty
+rows alone and resizes those; the rest of its output stays zero.
 """
 
 from __future__ import annotations
@@ -42,7 +68,7 @@ from semires.errors import SemiresError
 from semires.proposals.base import ATTR_FIELDS, Proposals
 
 FORMAT = "semires-proposals"
-VERSION = 1
+VERSION = 2
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:
@@ -66,30 +92,55 @@ def resize_packed(
     packed: np.ndarray, n: int, h: int, w: int, size: tuple[int, int], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Bit-packed ``N x H x W`` masks -> ``N x h' x w'`` bool tensor on ``device``, nearest
-    (as F.interpolate).
+    (as F.interpolate). See :func:`resize_rows`."""
+    grid = packed[: n * h * ((w + 7) // 8)].reshape(n * h, -1)
+    rows = np.flatnonzero(grid.any(axis=1))
+    return resize_rows(rows, grid[rows], n, h, w, size, device)
 
-    Each output pixel is gathered once, from the smaller of the source and output row
-    sets: O(N * min(H, h') * (W + w')) gathers plus whole-row copies. Off the CPU only the
-    chosen packed rows travel to the device, and the bits are picked there."""
+
+def resize_rows(
+    rows: np.ndarray,
+    packed_rows: np.ndarray,
+    n: int,
+    h: int,
+    w: int,
+    size: tuple[int, int],
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``N x H x W`` masks given by their nonempty rows -> ``N x h' x w'`` bool tensor on
+    ``device``, nearest (as F.interpolate). ``rows``: the nonempty rows' indices ``n * H + y``;
+    ``packed_rows``: their bits, ``len(rows) x ceil(W/8)`` (as :func:`pack_masks`).
+
+    Only output rows made from a nonempty row are computed (the others stay zero), each
+    output pixel once, from the smaller of the source and output row sets, plus whole-row
+    copies. Off the CPU only those packed rows travel to the device, and the bits are
+    picked there."""
     oh, ow = size
-    wb = (w + 7) // 8
     ri, ci = nearest_index(h, oh).numpy(), nearest_index(w, ow).numpy()
-    grid = packed[: n * h * wb].reshape(n, h, wb)
+    where = np.full(n * h, -1, np.int64)
+    where[rows] = np.arange(len(rows))
+    src = where[(np.arange(n)[:, None] * h + ri).reshape(-1)]  # each output row's source, or -1
+    dest = np.flatnonzero(src >= 0)
+    src = src[dest]
     if torch.device(device).type != "cpu":
-        return _pick_bits(torch.from_numpy(grid[:, ri]).to(device), torch.from_numpy(ci).to(device))
-    if h < oh:  # upsampling rows: pick the columns of the H source rows, then copy whole rows
-        bits = np.unpackbits(grid, axis=-1, bitorder="little")[..., :w]  # N x H x W uint8
-        out = np.ascontiguousarray(_take_columns(bits, ci))[:, ri]
-    else:  # pick the rows while still packed (cheap), then the columns
-        rows = grid if oh == h else grid[:, ri]  # nearest keeps every row when h' == H
-        bits = np.unpackbits(rows, axis=-1, bitorder="little")[..., :w]  # N x h' x W
-        out = np.ascontiguousarray(_take_columns(bits, ci))
-    return torch.from_numpy(out.view(bool))
+        out = torch.zeros((n * oh, ow), dtype=torch.bool, device=device)
+        if len(dest):
+            picked = torch.from_numpy(np.ascontiguousarray(packed_rows[src])).to(device)
+            out[torch.from_numpy(dest).to(device)] = _pick_bits(picked, torch.from_numpy(ci).to(device))
+        return out.view(n, oh, ow)
+    out = np.zeros((n * oh, ow), np.uint8)
+    if len(dest) > len(rows):  # rows repeat (upsampling): pick the columns first, then copy rows
+        bits = np.unpackbits(packed_rows, axis=-1, count=w, bitorder="little")
+        out[dest] = _take_columns(bits, ci)[src]
+    elif len(dest):  # pick the rows while still packed (cheap), then the columns
+        bits = np.unpackbits(packed_rows[src], axis=-1, count=w, bitorder="little")
+        out[dest] = _take_columns(bits, ci)
+    return torch.from_numpy(out.view(bool).reshape(n, oh, ow))
 
 
 def _pick_bits(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``N x h' x W/8`` packed rows -> ``N x h' x w'`` bool: bit ``index[j]`` of each row."""
-    picked = rows[:, :, index >> 3]
+    """``... x W/8`` packed rows -> ``... x w'`` bool: bit ``index[j]`` of each row."""
+    picked = rows[..., index >> 3]
     return ((picked >> (index & 7).to(torch.uint8)) & 1).bool()
 
 
@@ -109,6 +160,218 @@ def _take_columns(bits: np.ndarray, index: np.ndarray) -> np.ndarray:
                 out[..., r::p] = bits[..., index[r] :: q][..., :k]
             return out
     return np.take(bits, index, axis=-1)
+
+
+# --- the row encoding (see the module docstring) ---------------------------------------------
+
+PLAIN, EDGES = 1, 2
+HEADER = 9  # encoding (uint8), encoded length (uint64 LE)
+
+
+def encode_masks(packed: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
+    """Bit-packed ``N x H x W`` masks (:func:`pack_masks`) -> one row of the store, uint8: the
+    edge encoding, or the plain bits where those are shorter. Lossless and deterministic."""
+    wb = (w + 7) // 8
+    words = np.zeros((n * h, wb // 8 + 1), "<u8")  # each mask row, and room for an edge at x = W
+    bits = words.view(np.uint8)[:, :wb]
+    bits[:] = np.asarray(packed[: n * h * wb], np.uint8).reshape(n * h, wb)
+    if w % 8:
+        bits[:, -1] &= (1 << (w % 8)) - 1  # bits past W are not pixels: always store them as 0
+    kind, size = PLAIN, HEADER + bits.size
+    counts, x = _edges(words, n * h)
+    if HEADER + 3 + _itemsize(counts) * counts.size + x.size < size:  # at least a byte a value
+        b = _Blocks(counts, h)
+        values = _edge_values(b, counts, x)
+        streams = [counts, values[~b.first], values[b.first]]  # counts, moves, first rows
+        edges = HEADER + 3 + sum(_itemsize(a) * a.size for a in streams)
+        if edges < size:
+            sizes = np.array([_itemsize(a) for a in streams], np.uint8)
+            kind, size, body = EDGES, edges, [sizes, *(_planes(a) for a in streams)]
+    if kind == PLAIN:
+        body = [bits.reshape(-1)]
+    header = np.array([kind], np.uint8).tobytes() + np.array([size], "<u8").tobytes()
+    return np.concatenate([np.frombuffer(header, np.uint8), *body])
+
+
+def encoded_size(row_start: np.ndarray) -> int:
+    """The length in bytes of an encoded row, from its first :data:`HEADER` bytes."""
+    return int(np.frombuffer(row_start[1:HEADER].tobytes(), "<u8")[0])
+
+
+def decode_masks(row: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
+    """Inverse of :func:`encode_masks`: ``N*H*ceil(W/8)`` uint8, the masks bit-packed."""
+    rows, packed_rows = decode_rows(row, n, h, w)
+    out = np.zeros((n * h, (w + 7) // 8), np.uint8)
+    out[rows] = packed_rows
+    return out.reshape(-1)
+
+
+def decode_rows(row: np.ndarray, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """An encoded row -> the masks' nonempty rows, as :func:`resize_rows` takes them: their
+    indices ``n * H + y`` (ascending) and their bits, ``R x ceil(W/8)`` uint8."""
+    wb = (w + 7) // 8
+    kind = int(row[0])
+    if kind == PLAIN:
+        grid = row[HEADER : HEADER + n * h * wb].reshape(n * h, wb)
+        rows = np.flatnonzero(grid.any(axis=1))
+        return rows, grid[rows]
+    if kind != EDGES:
+        raise SemiresError(f"unknown mask encoding {kind}: the store is damaged")
+    sc, sm, sf = (int(v) for v in row[HEADER : HEADER + 3])
+    at = HEADER + 3
+    counts = _unplanes(row[at : at + sc * n * h], n * h, sc)
+    at += sc * n * h
+    b = _Blocks(counts, h)
+    n_first = len(b.seg_len)
+    n_moves = len(b.first) - n_first
+    moves = _unplanes(row[at : at + sm * n_moves], n_moves, sm)
+    at += sm * n_moves
+    first = _unplanes(row[at : at + sf * n_first], n_first, sf)
+    # a block's first row: x_0 and gaps -> columns (a cumulative sum within the block)
+    cg = _cumsum0(first)
+    d = np.empty(len(b.first), np.int64)
+    d[b.first] = cg[1:] - cg[b.block_seg[b.seg_block]]
+    d[~b.first] = (moves >> 1) ^ -(moves & 1)  # later rows: zigzag moves
+    cs = _cumsum0(d)  # -> columns: a cumulative sum along each segment
+    x = cs[1:] - np.repeat(cs[b.seg_start[:-1]], b.seg_len)
+    # Each edge flips every bit from x on. As differences (XOR) of consecutive bytes that is
+    # two bytes: byte x // 8, bits x % 8 and up, and the byte after, the bits below x % 8 (it
+    # is all flipped, its predecessor only from x % 8 on). A running XOR along the rows turns
+    # the differences back into bytes; a row has an even number of edges, so nothing carries
+    # over into the next row.
+    compact = np.zeros(len(b.rows) * wb + 2, np.uint8)  # + 2: an edge at x = W spills over
+    at_byte = b.compact_row * wb + (x >> 3)
+    low = ((np.uint16(1) << (x & 7).astype(np.uint8)) - 1).astype(np.uint8)
+    np.bitwise_xor.at(compact, np.concatenate([at_byte, at_byte + 1]), np.concatenate([~low, low]))
+    return b.rows, _prefix_xor(compact)[: len(b.rows) * wb].reshape(-1, wb)
+
+
+def _edges(words: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mask rows bit-packed into little-endian uint64 words (pixel ``x`` is bit ``x % 64`` of
+    word ``x // 64``, zeros past W and one bit more) -> ``counts`` (edges of each row) and
+    every edge's column ``x`` in row order (columns ascending)."""
+    flips = words << 1  # the pixel before each pixel: the next lower bit, or the word before's top
+    flips[:, 1:] |= words[:, :-1] >> 63
+    flips ^= words
+    at = np.flatnonzero(flips)  # the words, then their bytes, then bits that hold an edge
+    nonzero = flips.reshape(-1)[at].astype("<u8", copy=False).view(np.uint8)
+    byte = np.flatnonzero(nonzero)
+    k, bit = np.nonzero(np.unpackbits(nonzero[byte][:, None], axis=1, bitorder="little"))
+    row, col = np.divmod(at[byte[k] >> 3], words.shape[1])
+    x = col * 64 + (byte[k] & 7) * 8 + bit
+    return np.bincount(row, minlength=rows).astype(np.int64), x.astype(np.int64)
+
+
+class _Blocks:
+    """The block structure of an image's edges (module docstring), from the edge counts.
+
+    A block is a run of consecutive rows of one mask with the same, nonzero number of edges;
+    its values come as one *segment* per edge slot ``k``: that edge along the block's rows.
+    ``rows``: the nonempty rows (``n * H + y``). Per segment: ``seg_len`` (the block's rows),
+    ``seg_start`` (its first value; one more entry, the total), ``seg_block``. Per value, in
+    stored order: ``seg``, ``slot`` (``k``), ``compact_row`` (its row's place in ``rows``)."""
+
+    def __init__(self, counts: np.ndarray, h: int) -> None:
+        self.rows = rows = np.flatnonzero(counts)
+        per_row = counts[rows]
+        new = np.ones(len(rows), bool)
+        new[1:] = (rows[1:] != rows[:-1] + 1) | (per_row[1:] != per_row[:-1]) | (rows[1:] % h == 0)
+        starts = np.flatnonzero(new)
+        block_len = np.diff(np.append(starts, len(rows)))
+        block_edges = per_row[starts]
+        self.seg_block = np.repeat(np.arange(len(starts)), block_edges)
+        self.block_seg = _cumsum0(block_edges)  # each block's first segment
+        self.seg_len = block_len[self.seg_block]
+        self.seg_start = _cumsum0(self.seg_len)
+        self.seg = np.repeat(np.arange(len(self.seg_len)), self.seg_len)
+        t = np.arange(int(self.seg_start[-1])) - self.seg_start[self.seg]  # row within the block
+        self.first = t == 0
+        self.slot = (np.arange(len(self.seg_len)) - self.block_seg[self.seg_block])[self.seg]
+        self.compact_row = starts[self.seg_block][self.seg] + t
+
+
+def _edge_values(b: _Blocks, counts: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The values stream (module docstring) from the edge columns in row order."""
+    x = x[_cumsum0(counts)[b.rows[b.compact_row]] + b.slot]  # in stored order
+    out = np.empty_like(x)
+    # later rows of a block: the move from the row above (the value before, same segment)
+    move = x[1:] - x[:-1]
+    later = np.flatnonzero(~b.first)
+    out[later] = (move[later - 1] << 1) ^ (move[later - 1] >> 63)
+    # a block's first row: x_0, then the gap from the edge before (the segment before)
+    first = np.flatnonzero(b.first)
+    out[first] = x[first]
+    gap = first[b.slot[first] > 0]
+    out[gap] -= x[gap - b.seg_len[b.seg[gap]]]
+    return out
+
+
+def _cumsum0(a: np.ndarray) -> np.ndarray:
+    """``[0, a0, a0 + a1, ...]`` as int64."""
+    out = np.zeros(len(a) + 1, np.int64)
+    np.cumsum(a, out=out[1:])
+    return out
+
+
+def _itemsize(a: np.ndarray) -> int:
+    top = int(a.max()) if a.size else 0
+    return next(s for s in (1, 2, 4, 8) if top < 1 << (8 * s))
+
+
+def _planes(a: np.ndarray) -> np.ndarray:
+    """Non-negative integers -> their bytes as planes (all least significant bytes first)."""
+    size = _itemsize(a)
+    le = a.astype(f"<u{size}").view(np.uint8).reshape(-1, size)
+    return np.ascontiguousarray(le.T).reshape(-1)
+
+
+def _unplanes(buf: np.ndarray, count: int, size: int) -> np.ndarray:
+    planes = buf.reshape(size, count)
+    if size == 1:
+        return planes[0].astype(np.int64)
+    out = np.ascontiguousarray(planes.T).view(f"<u{size}").reshape(count)
+    return out.astype(np.int64)
+
+
+def _prefix_xor(a: np.ndarray) -> np.ndarray:
+    """Running XOR of a uint8 array, eight bytes at a time."""
+    if a.size <= 4096:
+        return np.bitwise_xor.accumulate(a)
+    words = np.zeros(-(-a.size // 8), "<u8")
+    words.view(np.uint8)[: a.size] = a
+    words ^= words << 8  # within each word (little endian: later bytes are higher)
+    words ^= words << 16
+    words ^= words << 32
+    carry = _prefix_xor((words >> 56).astype(np.uint8))  # the running XOR at each word's end
+    words[1:] ^= carry[:-1].astype("<u8") * 0x0101010101010101
+    return words.view(np.uint8)[: a.size]
+
+
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
+
+
+def mask_attrs(rows: np.ndarray, packed_rows: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
+    """What the masks themselves say of :data:`ATTR_FIELDS`: ``N x 7`` float32 with the area and
+    the box (as :func:`~semires.proposals.base.mask_boxes`), zero scores. The masks are given by
+    their nonempty rows, as :func:`resize_rows` takes them (``rows`` ascending)."""
+    out = np.zeros((n, len(ATTR_FIELDS)), np.float32)
+    if len(rows) == 0:
+        return out
+    mask, y = np.divmod(rows, h)
+    out[:, 2] = np.bincount(mask, weights=_POPCOUNT[packed_rows].sum(axis=1), minlength=n)
+    start = np.flatnonzero(np.append(True, mask[1:] != mask[:-1]))  # each mask's first row
+    end = np.append(start[1:], len(rows)) - 1
+    union = np.bitwise_or.reduceat(packed_rows, start, axis=0)  # each mask's columns
+    cols = np.unpackbits(union, axis=1, count=w, bitorder="little")
+    x0 = np.argmax(cols, axis=1)
+    x1 = w - 1 - np.argmax(cols[:, ::-1], axis=1)
+    out[mask[start], 3:] = np.stack([x0, y[start], x1 - x0, y[end] - y[start]], axis=1)
+    return out
+
+
+def _xor_floats(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The float32s whose bits are those of ``a`` XOR those of ``b`` (its own inverse)."""
+    return (np.ascontiguousarray(a, np.float32).view(np.uint32) ^ b.view(np.uint32)).view(np.float32)
 
 
 # --- geometry -------------------------------------------------------------------------------
@@ -142,12 +405,13 @@ class Layout:
 
     @property
     def capacity(self) -> int:
-        """Bytes per row: room for ``max_masks`` masks of the largest image, whole chunks."""
+        """Bytes per row: room for ``max_masks`` masks of the largest image bit-packed (the
+        longest an encoded row gets) and the row header, whole chunks."""
         if not self.images:
             return self.chunk_bytes
         h = max(r[1] for r in self.images)
         wb = (max(r[2] for r in self.images) + 7) // 8
-        need = self.max_masks * h * wb
+        need = HEADER + self.max_masks * h * wb
         return max(1, -(-need // self.chunk_bytes)) * self.chunk_bytes
 
     @property
@@ -180,10 +444,10 @@ def _zarr() -> Any:
     return zarr
 
 
-def _compressors() -> list[Any]:
+def _compressors(level: int = 12) -> list[Any]:
     from zarr.codecs import ZstdCodec
 
-    return [ZstdCodec(level=12, checksum=False)]
+    return [ZstdCodec(level=level, checksum=False)]
 
 
 def create(path: str | Path, layout: Layout, attributes: Mapping[str, Any]) -> None:
@@ -219,7 +483,7 @@ def create(path: str | Path, layout: Layout, attributes: Mapping[str, Any]) -> N
         dtype="uint8",
         chunks=(1, layout.chunk_bytes),
         shards=(s, cap),
-        compressors=_compressors(),
+        compressors=_compressors(19),  # the encoded rows are short: a high level costs little
         fill_value=0,
     )
     g.create_array(
@@ -248,8 +512,14 @@ def write_shard(path: str | Path, layout: Layout, k: int, items: Sequence[ImageR
             raise ValueError(
                 f"{item.num_masks} masks, the store holds at most {layout.max_masks}: cap() first"
             )
-        block[j, : item.packed.size] = item.packed
-        attrs[j, : item.num_masks] = item.attrs
+        n, h, w = item.num_masks, item.height, item.width
+        values = np.asarray(item.attrs, np.float32).reshape(n, len(ATTR_FIELDS))
+        if n * h * w:
+            row = encode_masks(item.packed, n, h, w)
+            block[j, : row.size] = row
+            # the masks as a reader decodes them, so that it derives the very same values
+            values = _xor_floats(values, mask_attrs(*decode_rows(row, n, h, w), n, h, w))
+        attrs[j, :n] = values
     g["masks"][rows.start : rows.stop] = block
     g["attrs"][rows.start : rows.stop] = attrs
 
@@ -340,22 +610,58 @@ class ProposalStore:
             raise SemiresError(
                 f"{self.path}: no proposals store here; run `semires propose` (dvc repro propose)"
             )
-        g = zarr.open_group(str(self.path), mode="r")
-        self.attributes: dict[str, Any] = dict(g.attrs)
+        try:
+            g = zarr.open_group(str(self.path), mode="r")
+            self.attributes: dict[str, Any] = dict(g.attrs)
+        except Exception as e:  # zarr.json cut short or not JSON
+            raise self._damaged("zarr.json", e) from e
         if self.attributes.get("format") != FORMAT or self.attributes.get("version") != VERSION:
             raise SemiresError(
                 f"{self.path}: not a {FORMAT} v{VERSION} store (format {self.attributes.get('format')!r}, "
                 f"version {self.attributes.get('version')!r}); rebuild it with `semires propose`"
             )
-        self.image_ids = g["image_id"][:]
-        self.heights = g["height"][:]
-        self.widths = g["width"][:]
-        self.counts = g["num_masks"][:]
-        self._masks = g["masks"]
-        self._attrs = g["attrs"]
+        arrays = {}
+        for name in ("image_id", "height", "width", "num_masks", "masks", "attrs"):
+            try:
+                arrays[name] = a = g[name]
+                # zarr reads a missing chunk as zeros: the per-image arrays must be whole
+                if name in ("image_id", "height", "width") and a.nchunks_initialized < a.nchunks:
+                    raise FileNotFoundError("its chunk is missing")
+            except Exception as e:
+                raise self._damaged(name, e) from e
+        self.image_ids = arrays["image_id"][:]
+        self.heights = arrays["height"][:]
+        self.widths = arrays["width"][:]
+        self.counts = arrays["num_masks"][:]
+        self._masks = arrays["masks"]
+        self._chunk_bytes = int(self.attributes["chunk_bytes"])
+        self._attrs = arrays["attrs"]
+        self._check_shards()
         self._row = {int(i): j for j, i in enumerate(self.image_ids)}
         if expect is not None:
             self.check(expect)
+
+    def _damaged(self, where: str, e: BaseException | str) -> SemiresError:
+        """The one message for a store that is incomplete or corrupt (a copy cut short, say)."""
+        if isinstance(e, KeyError):
+            why = "missing"
+        else:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+        return SemiresError(
+            f"{self.path}: damaged proposals store ({where}: {why}); delete it and rerun "
+            "`semires propose` (dvc repro propose), or `dvc pull` it again"
+        )
+
+    def _check_shards(self) -> None:
+        """Every shard that holds masks is on disk: zarr would read a missing one as zeros."""
+        per = int(self._masks.shards[0])
+        for k in range(-(-len(self.image_ids) // per)):
+            if not self.counts[k * per : (k + 1) * per].any():
+                continue  # a shard of images without masks is never written
+            for a in (self._masks, self._attrs):
+                key = a.metadata.encode_chunk_key((k,) + (0,) * (a.ndim - 1))
+                if not (self.path / a.path / key).is_file():
+                    raise self._damaged(f"{a.path}/{key}", "shard file missing")
 
     @property
     def backend(self) -> str:
@@ -403,18 +709,53 @@ class ProposalStore:
         return int(self.heights[j]), int(self.widths[j])
 
     def attrs(self, image_id: int) -> np.ndarray:
-        """``N x 7`` float32, columns :data:`ATTR_FIELDS`."""
-        j = self._index(image_id)
-        return self._attrs[j, : int(self.counts[j])]
+        """``N x 7`` float32, columns :data:`ATTR_FIELDS` (decodes the masks: see ``attrs`` in
+        the module docstring)."""
+        return self._attrs_and_rows(image_id)[0]
 
-    def packed(self, image_id: int) -> np.ndarray:
-        """The image's masks as stored: ``N*H*ceil(W/8)`` uint8."""
+    def _attrs_and_rows(self, image_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The attributes, and the masks as :func:`decode_rows` gives them."""
         j = self._index(image_id)
         n, h, w = int(self.counts[j]), int(self.heights[j]), int(self.widths[j])
-        nbytes = n * h * ((w + 7) // 8)
-        if nbytes == 0:
+        try:
+            stored = np.ascontiguousarray(self._attrs[j, :n], np.float32)
+        except Exception as e:  # a shard cut short or corrupt
+            raise self._damaged(f"attrs of image {image_id}", e) from e
+        if n * h * w == 0:
+            return stored, np.zeros(0, np.int64), np.zeros((0, (w + 7) // 8), np.uint8)
+        rows, packed_rows = decode_rows(self._encoded(j, n, h, w), n, h, w)
+        return _xor_floats(stored, mask_attrs(rows, packed_rows, n, h, w)), rows, packed_rows
+
+    def packed(self, image_id: int) -> np.ndarray:
+        """The image's masks bit-packed: ``N*H*ceil(W/8)`` uint8 (see :func:`pack_masks`)."""
+        j = self._index(image_id)
+        n, h, w = int(self.counts[j]), int(self.heights[j]), int(self.widths[j])
+        if n * h * w == 0:
             return np.zeros(0, np.uint8)
-        return self._masks[j, :nbytes]
+        return decode_masks(self._encoded(j, n, h, w), n, h, w)
+
+    def _encoded(self, j: int, n: int, h: int, w: int) -> np.ndarray:
+        """Row ``j`` of ``masks``: the encoded masks of an image with ``n`` masks of ``h x w``."""
+        # one read of the first inner chunk holds the whole row but for the largest ones
+        longest = HEADER + n * h * ((w + 7) // 8)
+        head = min(longest, self._chunk_bytes)
+        try:
+            row = self._masks[j, :head]
+        except Exception as e:  # a shard cut short or corrupt
+            raise self._damaged(f"masks of image {int(self.image_ids[j])}", e) from e
+        size = encoded_size(row)
+        if row[0] not in (PLAIN, EDGES) or not HEADER < size <= longest:  # all zeros: no shard file
+            raise SemiresError(
+                f"{self.path}: the masks of image {int(self.image_ids[j])} are not an encoded row "
+                f"(encoding {int(row[0])}, {size} bytes): the store is damaged; rebuild it with "
+                "`semires propose` (dvc repro propose)"
+            )
+        if size > head:
+            try:
+                row = np.concatenate([row, self._masks[j, head:size]])
+            except Exception as e:
+                raise self._damaged(f"masks of image {int(self.image_ids[j])}", e) from e
+        return row
 
     def masks(
         self, image_id: int, size: tuple[int, int] | None = None, device: torch.device | str = "cpu"
@@ -425,18 +766,20 @@ class ProposalStore:
         j = self._index(image_id)
         n, h, w = int(self.counts[j]), int(self.heights[j]), int(self.widths[j])
         oh, ow = size if size is not None else (h, w)
-        if n == 0:
-            return torch.zeros((0, oh, ow), dtype=torch.bool, device=device)
-        packed = self.packed(image_id)
-        if (oh, ow) == (h, w) and torch.device(device).type == "cpu":
-            return torch.from_numpy(unpack_masks(packed, n, h, w))
-        return resize_packed(packed, n, h, w, (oh, ow), device=device)
+        if n * h * w == 0:
+            return torch.zeros((n, oh, ow), dtype=torch.bool, device=device)
+        rows, packed_rows = decode_rows(self._encoded(j, n, h, w), n, h, w)
+        return resize_rows(rows, packed_rows, n, h, w, (oh, ow), device=device)
 
     def proposals(self, image_id: int) -> Proposals:
         """Everything stored for the image, at its own resolution."""
-        a = self.attrs(image_id)
+        a, rows, packed_rows = self._attrs_and_rows(image_id)
+        h, w = self.size(image_id)
+        masks = np.zeros((len(a), h, w), bool)
+        if len(rows):
+            masks = resize_rows(rows, packed_rows, len(a), h, w, (h, w)).numpy()
         return Proposals(
-            masks=self.masks(image_id).numpy(),
+            masks=masks,
             predicted_iou=a[:, 0],
             stability_score=a[:, 1],
             area=a[:, 2],
