@@ -46,6 +46,7 @@ from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig, Refined, refine
 from semires.train import (
     Evaluation,
+    LoopConfig,
     LoopResult,
     autocast,
     class_weight_tensor,
@@ -235,25 +236,14 @@ def unsupervised_loss(logits: torch.Tensor, refined: Refined, class_weights: Seq
 
 
 @dataclass(frozen=True)
-class SemiConfig:
-    """The teacher-student loop's knobs (the stage maps ``semi.*`` params onto these)."""
+class SemiConfig(LoopConfig):
+    """The teacher-student loop's knobs: the supervised loop's (``batch_size`` is the labeled
+    batch) and the unlabeled batch, refinement, lambda and the EMA rate."""
 
-    steps: int
-    batch_size: int  # labeled expressions per step and process
-    unlabeled_batch_size: int  # unlabeled expressions per step and process
+    unlabeled_batch_size: int = 8  # unlabeled expressions per step and process
     refine: RefineConfig = field(default_factory=RefineConfig)
     unsup_weight: float = 1.0
     ema_rate: float = 0.9996
-    lr: float = 5e-5
-    weight_decay: float = 1e-2
-    poly_power: float = 0.9
-    class_weights: tuple[float, float] = (0.9, 1.1)
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    checkpoint_every: int = 50
-    seed: int = 0
-    num_workers: int = 0
-    eval_batch_size: int = 32
 
 
 def semi_step(

@@ -19,7 +19,17 @@ from semires.data import ExpressionDataset
 from semires.errors import SemiresError
 from semires.model.build import ModelConfig, ModelSpec, count_parameters, prepare, preset
 from semires.train import LoopConfig, save_checkpoint, train_supervised
-from stages.common import DEFAULT_PARAMS, ParamsOption, log, open_live, stage_command
+from stages.common import (
+    DEFAULT_PARAMS,
+    AnnsOption,
+    LiveOption,
+    ParamsOption,
+    ResumeOption,
+    ScratchOption,
+    log,
+    open_live,
+    stage_command,
+)
 from stages.params import DatasetParams, check, section
 
 
@@ -167,17 +177,10 @@ def run_key(spec: ModelSpec, p: BurnInParams, labeled: list[int], anns_path: Pat
 def burn_in(
     split_path: Annotated[Path, typer.Option("--split", help="data/split/<fraction>.json of `split`.")],
     out: Annotated[Path, typer.Option(help="Final checkpoint to write.")],
-    live_dir: Annotated[Path, typer.Option("--live", help="DVCLive folder (metrics.json, plots/).")],
-    anns_path: Annotated[Path, typer.Option("--anns", help="Annotation file from `extract`.")] = Path(
-        "data/anns.json"
-    ),
-    scratch_root: Annotated[
-        Path, typer.Option("--scratch", help="Where partial runs live (git- and DVC-ignored).")
-    ] = Path(".scratch/burn_in"),
-    resume: Annotated[
-        bool,
-        typer.Option("--resume", help="Continue a killed run of the same inputs if one is in --scratch."),
-    ] = False,
+    live_dir: LiveOption,
+    anns_path: AnnsOption = Path("data/anns.json"),
+    scratch_root: ScratchOption = Path(".scratch/burn_in"),
+    resume: ResumeOption = False,
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Train LAVT on the labeled refs of one label fraction (AdamW, poly decay, weighted CE)."""

@@ -17,6 +17,15 @@ R = TypeVar("R")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="The params file to read.")]
 DEFAULT_PARAMS = Path("params.yaml")
+# Options several stages share (defaults are the paths dvc.yaml uses)
+AnnsOption = Annotated[Path, typer.Option("--anns", help="Annotation file from `extract`.")]
+LiveOption = Annotated[Path, typer.Option("--live", help="DVCLive folder (metrics.json, plots/).")]
+ScratchOption = Annotated[
+    Path, typer.Option("--scratch", help="Where partial runs live (git- and DVC-ignored).")
+]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue a killed run of the same inputs if one is in --scratch.")
+]
 
 
 def stage_command(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:

@@ -17,7 +17,7 @@ from semires.data import ExpressionDataset
 from semires.errors import SemiresError
 from semires.train import evaluate as evaluate_model
 from semires.train import load_model
-from stages.common import DEFAULT_PARAMS, ParamsOption, log, stage_command
+from stages.common import DEFAULT_PARAMS, AnnsOption, ParamsOption, log, stage_command
 from stages.params import DatasetParams, check, section
 
 
@@ -55,9 +55,7 @@ def evaluate(
     results_path: Annotated[
         Path, typer.Option("--results", help="Per-expression results, one JSON object a line.")
     ],
-    anns_path: Annotated[Path, typer.Option("--anns", help="Annotation file from `extract`.")] = Path(
-        "data/anns.json"
-    ),
+    anns_path: AnnsOption = Path("data/anns.json"),
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Every expression of val/testA/testB (those the dataset has): oIoU, mIoU, prec@0.5-0.9."""

@@ -26,7 +26,7 @@ from semires.model.build import build_from_spec
 from semires.semi import UnlabeledDataset
 from semires.train import load_checkpoint, state_dict_misfit
 from stages.burn_in import read_labeled
-from stages.common import DEFAULT_PARAMS, ParamsOption, log, stage_command
+from stages.common import DEFAULT_PARAMS, AnnsOption, ParamsOption, log, stage_command
 from stages.params import DatasetParams, check, section
 from stages.split import SplitParams
 from stages.train_semi import SemiParams, parse_method
@@ -202,9 +202,7 @@ def report(
         ),
     ] = Path("data/train_semi"),
     split_root: Annotated[Path, typer.Option("--split", help="data/split of `split`.")] = Path("data/split"),
-    anns_path: Annotated[Path, typer.Option("--anns", help="Annotation file from `extract`.")] = Path(
-        "data/anns.json"
-    ),
+    anns_path: AnnsOption = Path("data/anns.json"),
     proposals: Annotated[Path, typer.Option(help="The proposals store of `propose`.")] = Path(
         "data/proposals.zarr"
     ),

@@ -13,7 +13,7 @@ from semires import annotations
 from semires.atomic import atomic_path, write_json
 from semires.errors import SemiresError
 from semires.split import check_nested, fraction_name, random_split, split_from_file
-from stages.common import DEFAULT_PARAMS, ParamsOption, log, stage_command
+from stages.common import DEFAULT_PARAMS, AnnsOption, ParamsOption, log, stage_command
 from stages.params import check, section
 
 
@@ -56,9 +56,7 @@ def _read_split_file(path: Path) -> object:
 
 @stage_command("split")
 def split(
-    anns_path: Annotated[Path, typer.Option("--anns", help="Annotation file from `extract`.")] = Path(
-        "data/anns.json"
-    ),
+    anns_path: AnnsOption = Path("data/anns.json"),
     out: Annotated[Path, typer.Option(help="Folder to write one <percent>.json per fraction to.")] = Path(
         "data/split"
     ),

@@ -31,7 +31,17 @@ from semires.refine import RefineConfig
 from semires.semi import SemiConfig, UnlabeledDataset, train_semi
 from semires.train import LoopConfig, load_model, save_checkpoint, train_supervised
 from stages.burn_in import read_labeled
-from stages.common import DEFAULT_PARAMS, ParamsOption, log, open_live, stage_command
+from stages.common import (
+    DEFAULT_PARAMS,
+    AnnsOption,
+    LiveOption,
+    ParamsOption,
+    ResumeOption,
+    ScratchOption,
+    log,
+    open_live,
+    stage_command,
+)
 from stages.params import DatasetParams, check, section
 
 STRATEGIES = {"iom": "iom", "cpi": "cpi", "raw": "none"}
@@ -178,23 +188,16 @@ def train_semi_command(
     burn_in_path: Annotated[Path, typer.Option("--burn-in", help="The burn-in checkpoint to start from.")],
     method: Annotated[str, typer.Option(help=METHODS_HELP)],
     out: Annotated[Path, typer.Option(help="Final checkpoint (student, with its teacher).")],
-    live_dir: Annotated[Path, typer.Option("--live", help="DVCLive folder (metrics.json, plots/).")],
+    live_dir: LiveOption,
     quality_path: Annotated[
         Path, typer.Option("--quality", help="Pseudo-label quality at the start and end (JSON metric).")
     ],
     proposals: Annotated[Path, typer.Option(help="The proposals store of `propose`.")] = Path(
         "data/proposals.zarr"
     ),
-    anns_path: Annotated[Path, typer.Option("--anns", help="Annotation file from `extract`.")] = Path(
-        "data/anns.json"
-    ),
-    scratch_root: Annotated[
-        Path, typer.Option("--scratch", help="Where partial runs live (git- and DVC-ignored).")
-    ] = Path(".scratch/train_semi"),
-    resume: Annotated[
-        bool,
-        typer.Option("--resume", help="Continue a killed run of the same inputs if one is in --scratch."),
-    ] = False,
+    anns_path: AnnsOption = Path("data/anns.json"),
+    scratch_root: ScratchOption = Path(".scratch/train_semi"),
+    resume: ResumeOption = False,
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Train a student on labeled and SAM-refined pseudo-labeled data (or the fair control)."""
