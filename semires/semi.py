@@ -55,10 +55,10 @@ from semires.train import (
     load_checkpoint,
     make_optimizer,
     poly_schedule,
+    restore,
     rng_state,
     save_checkpoint,
     segmentation_loss,
-    set_rng_state,
     to_device,
     unwrap,
 )
@@ -405,16 +405,8 @@ def train_semi(
         ckpt = load_checkpoint(scratch, expect_fingerprint=spec.fingerprint(), expect_run_key=run_key)
         if ckpt.teacher is None:
             raise SemiresError(f"{scratch}: not a teacher-student checkpoint; delete it to start afresh")
-        student.load_state_dict(ckpt.model)
         teacher.load_state_dict(ckpt.teacher)
-        optimizer.load_state_dict(ckpt.optimizer)
-        scheduler.load_state_dict(ckpt.scheduler)
-        if ckpt.rng is not None:
-            ranks = ckpt.rng.get("ranks", [ckpt.rng])
-            set_rng_state(ranks[info.rank] if len(ranks) == info.world_size else ranks[0])
-            if len(ranks) != info.world_size:
-                torch.manual_seed(cfg.seed + 1000 * ckpt.step + info.rank)
-        start = ckpt.step
+        start = restore(ckpt, student, optimizer, scheduler, info, cfg.seed)
     net = DistributedDataParallel(student) if info.world_size > 1 else student
 
     def loader(dataset, batch_size, seed, collate=None):

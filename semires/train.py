@@ -406,6 +406,29 @@ def _load_error(path: Path, e: Exception) -> str:
     return first.split(". ")[0].rstrip(".")[:200]
 
 
+def restore(
+    ckpt: Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    info: distributed.DistInfo,
+    seed: int,
+) -> int:
+    """Load a scratch checkpoint's training state into a run; returns the step to continue at.
+
+    Each rank continues its own random stream; with another process count exactness is lost
+    anyway, so the ranks reseed from the first one's plus the rank."""
+    model.load_state_dict(ckpt.model)
+    optimizer.load_state_dict(ckpt.optimizer)
+    scheduler.load_state_dict(ckpt.scheduler)
+    if ckpt.rng is not None:
+        ranks = ckpt.rng.get("ranks", [ckpt.rng])
+        set_rng_state(ranks[info.rank] if len(ranks) == info.world_size else ranks[0])
+        if len(ranks) != info.world_size:
+            torch.manual_seed(seed + 1000 * ckpt.step + info.rank)
+    return ckpt.step
+
+
 # --- the supervised loop -------------------------------------------------------------------
 
 
@@ -468,17 +491,7 @@ def train_supervised(
     start = 0
     if resume and scratch.is_file():
         ckpt = load_checkpoint(scratch, expect_fingerprint=spec.fingerprint(), expect_run_key=run_key)
-        model.load_state_dict(ckpt.model)
-        optimizer.load_state_dict(ckpt.optimizer)
-        scheduler.load_state_dict(ckpt.scheduler)
-        if ckpt.rng is not None:
-            ranks = ckpt.rng.get("ranks", [ckpt.rng])
-            # Each rank continues its own random stream; with another process count, exactness
-            # is lost anyway, so ranks reseed from theirs plus the rank.
-            set_rng_state(ranks[info.rank] if len(ranks) == info.world_size else ranks[0])
-            if len(ranks) != info.world_size:
-                torch.manual_seed(cfg.seed + 1000 * ckpt.step + info.rank)
-        start = ckpt.step
+        start = restore(ckpt, model, optimizer, scheduler, info, cfg.seed)
     net = DistributedDataParallel(model) if info.world_size > 1 else model
     sampler = StepSampler(
         train_set,
