@@ -164,9 +164,15 @@ def finish(proc: subprocess.Popen, log: Path) -> str:
 def kill_mid_run(proc: subprocess.Popen, scratch: Path, log: Path) -> str:
     """SIGKILL ``proc`` at a random moment after its 2nd to 4th scratch checkpoint.
 
-    Each checkpoint is a new file renamed onto ``last.pt`` (a new inode), so the kill point
-    counts checkpoints rather than seconds and lands mid-run on a fast machine or a slow one.
+    Each checkpoint is a new file renamed onto ``last.pt``, so the kill point counts
+    checkpoints rather than seconds and lands mid-run on a fast machine or a slow one. A file
+    is told apart by inode and modification time: a freed inode is soon reused.
     """
+
+    def identity(path: Path) -> tuple[int, int]:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns
+
     deadline = time.monotonic() + 180
 
     def alive() -> None:
@@ -177,11 +183,11 @@ def kill_mid_run(proc: subprocess.Popen, scratch: Path, log: Path) -> str:
         alive()
         time.sleep(0.005)
     (last,) = found
-    seen, stamps = {last.stat().st_ino}, [time.monotonic()]
+    seen, stamps = {identity(last)}, [time.monotonic()]
     wanted = random.randint(2, 4)
     while len(seen) < wanted:
         alive()
-        ino = last.stat().st_ino
+        ino = identity(last)
         if ino not in seen:
             seen.add(ino)
             stamps.append(time.monotonic())
