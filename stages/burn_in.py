@@ -8,7 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -145,6 +145,13 @@ def model_config(p: ModelParams) -> ModelConfig:
     return dataclasses.replace(cfg, swin=swin, text=text, decoder_hidden=hidden)
 
 
+def loop_config(p: Any, cls: type[LoopConfig] = LoopConfig, **extra: Any) -> LoopConfig:
+    """``cls`` (LoopConfig or a subclass) from a params section with the loop's field names
+    (burn_in.*, semi.*); ``extra`` sets the rest."""
+    names = [f.name for f in dataclasses.fields(LoopConfig) if hasattr(p, f.name)]
+    return cls(**{n: getattr(p, n) for n in names}, **extra)
+
+
 def read_labeled(path: Path) -> tuple[float, list[int]]:
     if not path.is_file():
         raise SemiresError(f"{path}: split file not found; run `semires split` (dvc repro split) first")
@@ -227,19 +234,7 @@ def _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp,
             f"{spec.config.name} LAVT {count_parameters(model) / 1e6:.2f} M parameters, "
             f"{bp.steps} steps x {bp.batch_size} x {info.world_size} process(es) on {info.device}",
         )
-    cfg = LoopConfig(
-        steps=bp.steps,
-        batch_size=bp.batch_size,
-        lr=bp.lr,
-        weight_decay=bp.weight_decay,
-        poly_power=bp.poly_power,
-        class_weights=bp.class_weights,
-        log_every=bp.log_every,
-        eval_every=bp.eval_every,
-        checkpoint_every=bp.checkpoint_every,
-        seed=bp.seed,
-        num_workers=bp.num_workers,
-    )
+    cfg = loop_config(bp)
     ckpt_path = scratch / "last.pt"
     resuming = resume and ckpt_path.is_file()
     live = None

@@ -29,8 +29,8 @@ from semires.model.build import count_parameters
 from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig
 from semires.semi import SemiConfig, UnlabeledDataset, train_semi
-from semires.train import LoopConfig, load_model, save_checkpoint, train_supervised
-from stages.burn_in import read_labeled
+from semires.train import load_model, save_checkpoint, train_supervised
+from stages.burn_in import loop_config, read_labeled
 from stages.common import (
     DEFAULT_PARAMS,
     AnnsOption,
@@ -292,12 +292,7 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
     quality: dict[str, dict[str, float]] = {}
     teacher = None
     if control:
-        cfg = LoopConfig(
-            steps=sp.steps, batch_size=sp.batch_size, lr=sp.lr, weight_decay=sp.weight_decay,
-            poly_power=sp.poly_power, class_weights=sp.class_weights, log_every=sp.log_every,
-            eval_every=sp.eval_every, checkpoint_every=sp.checkpoint_every, seed=sp.seed,
-            num_workers=sp.num_workers,
-        )  # fmt: skip
+        cfg = loop_config(sp)
         result = train_supervised(
             model, spec, labeled_set, val_set, cfg, scratch=ckpt_path, run_key=key, resume=resume,
             dist_info=info, on_metrics=hook,
@@ -316,12 +311,9 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
         )
         n = len(quality_set)
         picks = sorted(random.Random(sp.seed).sample(range(n), min(n, sp.quality_samples)))
-        cfg = SemiConfig(
-            steps=sp.steps, batch_size=sp.batch_size, unlabeled_batch_size=sp.unlabeled_batch_size,
-            refine=rcfg, unsup_weight=sp.unsup_weight, ema_rate=sp.ema_rate, lr=sp.lr,
-            weight_decay=sp.weight_decay, poly_power=sp.poly_power, class_weights=sp.class_weights,
-            log_every=sp.log_every, eval_every=sp.eval_every, checkpoint_every=sp.checkpoint_every,
-            seed=sp.seed, num_workers=sp.num_workers,
+        cfg = loop_config(
+            sp, SemiConfig, unlabeled_batch_size=sp.unlabeled_batch_size, refine=rcfg,
+            unsup_weight=sp.unsup_weight, ema_rate=sp.ema_rate,
         )  # fmt: skip
         result = train_semi(
             model, spec, labeled_set, unl_set, val_set, cfg, scratch=ckpt_path, run_key=key,
