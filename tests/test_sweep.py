@@ -1,0 +1,71 @@
+"""scripts/sweep.py: variants become params files, datasets are shared, the table has each figure."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "sweep.py"
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("sweep", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_variant_overrides_are_yaml_values_and_unknown_sections_fail(sweep):
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    name, over, params = sweep.parse_variant(["deep", "model.depths=[1,1,2,1]", "burn_in.lr=2e-3"], base)
+    assert name == "deep" and over == {"model.depths": [1, 1, 2, 1], "burn_in.lr": 2e-3}
+    assert params["model"]["depths"] == [1, 1, 2, 1] and params["burn_in"]["lr"] == 2e-3
+    assert base["burn_in"]["lr"] != 2e-3  # the base is not touched
+    # only synth / dataset / split decide the dataset
+    assert sweep.data_key(params) == sweep.data_key(base)
+    _, _, other = sweep.parse_variant(["more", "synth.num_images=10"], base)
+    assert sweep.data_key(other) != sweep.data_key(base)
+    with pytest.raises(SystemExit, match="no section 'nodel'"):
+        sweep.parse_variant(["x", "nodel.depths=[1]"], base)
+    with pytest.raises(SystemExit, match="not KEY=VALUE"):
+        sweep.parse_variant(["x", "burn_in.lr"], base)
+
+
+def test_two_variants_share_one_dataset_and_are_tabulated(sweep, tmp_path, capsys):
+    small = ["synth.num_images=24", "synth.image_size=[64,72]", "burn_in.steps=3", "burn_in.eval_every=2"]
+    rc = sweep.main(
+        ["--out", str(tmp_path), "--jobs", "2", "--threads", "1", "--device", "cpu", "--fit-samples", "8",
+         "--variant", "a", *small, "--variant", "b", *small, "model.embed_dim=16"]
+    )  # fmt: skip
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    assert len(list(tmp_path.glob("data-*"))) == 1  # one synth / extract / split for both
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert set(report) == {"a", "b"}
+    for row in report.values():
+        assert row["status"] == "done"
+        assert 0 <= row["val/mIoU"] <= 100 and 0 <= row["train/mIoU"] <= 100 and row["train/count"] == 8
+        assert [s for s, _ in row["val_curve"]] == [2, 3]
+    assert report["b"]["overrides"]["model.embed_dim"] == 16
+    assert yaml.safe_load((tmp_path / "b" / "params.yaml").read_text())["model"]["embed_dim"] == 16
+    assert printed[-2].startswith("| a |") and printed[-1].startswith("| b |") and "| done |" in printed[-1]
+
+
+def test_a_failing_variant_is_reported_and_the_exit_status_says_so(sweep, tmp_path, capsys):
+    rc = sweep.main(
+        ["--out", str(tmp_path), "--device", "cpu", "--fit-samples", "4",
+         "--variant", "bad", "synth.num_images=24", "burn_in.steps=0"]
+    )  # fmt: skip
+    assert rc == 1
+    assert json.loads((tmp_path / "sweep.json").read_text())["bad"]["status"] == "failed (exit 2)"
+    assert "burn_in.steps" in (tmp_path / "bad" / "log.txt").read_text()
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("| failed (exit 2) |")
