@@ -68,6 +68,10 @@ def test_poly_schedule_starts_at_lr_and_reaches_zero_at_the_last_step():
     assert poly_factor(0, 1, 0.9) == 1.0
 
 
+def test_adamw_is_the_fused_kernel_on_cpu():
+    assert make_optimizer(torch.nn.Linear(2, 2), lr=1e-3, weight_decay=0.0).defaults["fused"] is True
+
+
 def test_no_weight_decay_on_norms_and_position_biases(synth):
     anns, _ = synth
     _, model = tiny_model(anns)
