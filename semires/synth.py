@@ -57,7 +57,7 @@ class SynthOptions:
     crowd_share: float = 0.15  # images that also get a crowd region (a group of dots)
     overlap_share: float = 0.3  # objects placed to overlap an earlier one
     rle_share: float = 0.1  # fully visible objects stored as RLE anyway
-    object_scale: float = 1.0  # object radii x this (small: 7-10 %, big: 15-20 % of the shorter side)
+    object_scale: float = 1.0  # radii x this (small: 7-10 %, big: 15-20 %, dots 2.5 % of the shorter side)
     seed: int = 0
 
 
@@ -155,7 +155,7 @@ def _make_objects(rng: np.random.Generator, h: int, w: int, opts: SynthOptions) 
         polys = []
         for _ in range(int(rng.integers(5, 10))):
             dx, dy = rng.normal(0, side * 0.08, size=2)
-            polys.append(_polygon("circle", cx + dx, cy + dy, side * 0.025, 0.0))
+            polys.append(_polygon("circle", cx + dx, cy + dy, side * 0.025 * opts.object_scale, 0.0))
         full = _rasterise(polys, h, w)
         objs.append(_Object("dots", colour, "small", cx, cy, full, None))
     # Later objects are drawn over earlier ones: what stays visible is the mask.
