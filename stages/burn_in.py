@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ class BurnInParams:
     """burn_in.*: supervised training on the labeled images (paper values by default)."""
 
     steps: int = 40000
+    max_epochs: float | None = None  # also stop after this many passes over the labeled refs
     batch_size: int = 8
     lr: float = 5e-5
     weight_decay: float = 1e-2
@@ -88,6 +90,12 @@ class BurnInParams:
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "burn_in.steps", self.steps, "expected at least 1 step")
+        check(
+            self.max_epochs is None or self.max_epochs > 0,
+            "burn_in.max_epochs",
+            self.max_epochs,
+            "expected null (burn_in.steps alone) or a positive number of passes over the labeled refs",
+        )
         check(self.batch_size >= 1, "burn_in.batch_size", self.batch_size, "expected a positive batch size")
         check(0 < self.lr < 1, "burn_in.lr", self.lr, "expected a learning rate in (0, 1), e.g. 5e-5")
         check(
@@ -150,6 +158,16 @@ def loop_config(p: Any, cls: type[LoopConfig] = LoopConfig, **extra: Any) -> Loo
     (burn_in.*, semi.*); ``extra`` sets the rest."""
     names = [f.name for f in dataclasses.fields(LoopConfig) if hasattr(p, f.name)]
     return cls(**{n: getattr(p, n) for n in names}, **extra)
+
+
+def total_steps(p: BurnInParams, refs: int, world_size: int) -> int:
+    """burn_in.steps, or fewer when burn_in.max_epochs passes over ``refs`` labeled refs (one
+    random sentence each) end sooner: a few labeled images stop improving long before the
+    step count that the full label set needs, and the learning rate still reaches zero."""
+    if p.max_epochs is None:
+        return p.steps
+    per_step = p.batch_size * world_size
+    return max(1, min(p.steps, math.ceil(p.max_epochs * refs / per_step)))
 
 
 def read_labeled(path: Path) -> tuple[float, list[int]]:
@@ -227,14 +245,16 @@ def _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp,
 
     val_refs = anns.in_split("val")
     train_set, val_set = dataset(refs), (dataset(val_refs) if val_refs else None)
+    steps = total_steps(bp, len(train_set.refs), info.world_size)
     if info.is_main:
+        capped = f" (burn_in.max_epochs {bp.max_epochs:g} caps {bp.steps})" if steps < bp.steps else ""
         log(
             "burn_in",
             f"{percent:g}%: {len(refs)} labeled refs / {len(train_set)} expressions, "
             f"{spec.config.name} LAVT {count_parameters(model) / 1e6:.2f} M parameters, "
-            f"{bp.steps} steps x {bp.batch_size} x {info.world_size} process(es) on {info.device}",
+            f"{steps} steps{capped} x {bp.batch_size} x {info.world_size} process(es) on {info.device}",
         )
-    cfg = loop_config(bp)
+    cfg = loop_config(dataclasses.replace(bp, steps=steps))
     ckpt_path = scratch / "last.pt"
     resuming = resume and ckpt_path.is_file()
     live = None

@@ -317,6 +317,12 @@ CASES = {
     "burn-in: burn_in.steps 0": Case(
         "burn-in", params_case("burn-in", burn_in__steps=0), "= 0", "expected at least 1 step"
     ),
+    "burn-in: burn_in.max_epochs 0": Case(
+        "burn-in",
+        params_case("burn-in", burn_in__max_epochs=0),
+        "burn_in.max_epochs = 0",
+        "expected null (burn_in.steps alone) or a positive number",
+    ),
     # the proposals store
     "train-semi: store shard file deleted": Case(
         "train-semi",

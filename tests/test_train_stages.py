@@ -81,6 +81,24 @@ def test_burn_in_then_evaluate(project):
     assert {"model", "split", "ref_id", "sent_id", "sentence", "I", "U", "IoU"} <= set(rows[0])
 
 
+def test_max_epochs_ends_a_small_label_set_early_with_the_lr_at_zero(project):
+    root, anns = project
+    split = json.loads((root / "split" / "50.json").read_text())
+    labeled = set(split["labeled"])
+    refs = sum(1 for r in anns.refs if r.split == "train" and r.image_id in labeled and r.sentences)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["burn_in"].update(steps=1000, max_epochs=0.5)  # half a pass over the refs, batches of 2
+    (root / "epochs.yaml").write_text(yaml.safe_dump(params))
+    res = runner.invoke(app, burn_in_args(root, "epochs.yaml"))
+    assert res.exit_code == 0, res.output
+    steps = -(-refs // 4)  # ceil(0.5 * refs / 2)
+    assert f"{steps} steps (burn_in.max_epochs 0.5 caps 1000)" in res.output
+    live = json.loads((root / "burn_in" / "dvclive" / "metrics.json").read_text())
+    assert live["step"] == steps
+    lrs = (root / "burn_in" / "dvclive" / "plots" / "metrics" / "train" / "lr.tsv").read_text().split()
+    assert float(lrs[-1]) == 0.0  # the poly decay ends at the capped last step
+
+
 def test_bad_params_value_names_the_key(project, tmp_path):
     root, _ = project
     params = yaml.safe_load((root / "params.yaml").read_text())
