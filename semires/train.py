@@ -316,6 +316,15 @@ def save_checkpoint(
         torch.save(obj, tmp)
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step a checkpoint file was written at, its tensors memory-mapped rather than read;
+    None when it cannot be read (the loader that resumes from it says what is wrong)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:
+        return None
+
+
 def load_checkpoint(
     path: str | Path, *, expect_fingerprint: str | None = None, expect_run_key: str | None = None
 ) -> Checkpoint:

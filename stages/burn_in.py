@@ -262,7 +262,7 @@ def _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp,
         if not resuming:
             shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True, exist_ok=True)
-        live = open_live(scratch / "dvclive", resume=resuming)
+        live = open_live(scratch / "dvclive", resume=resuming, checkpoint=ckpt_path)
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         live.step = step

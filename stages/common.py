@@ -50,15 +50,23 @@ def log(stage: str, message: str) -> None:
     print(f"[{stage}] {message}", flush=True)
 
 
-def open_live(directory: Path, *, resume: bool):
+def open_live(directory: Path, *, resume: bool, checkpoint: Path | None = None):
     """A DVCLive logger writing metrics and plots to ``directory`` (no dvc.yaml, no experiment).
 
-    DVCLive 3 reads the git HEAD when it starts and fails in a repository without a commit
-    yet (a fresh ``git init``); metrics are still worth writing there, so it then logs to
-    files only.
+    Resuming from ``checkpoint``, the rows a killed run logged after that checkpoint's step
+    are dropped first: the resumed run logs those steps again, and the plots would show them
+    twice. DVCLive 3 reads the git HEAD when it starts and fails in a repository without a
+    commit yet (a fresh ``git init``); metrics are still worth writing there, so it then
+    logs to files only.
     """
     from dvclive import Live
     from scmrepo.exceptions import SCMError
+
+    from semires.train import checkpoint_step
+
+    step = checkpoint_step(checkpoint) if resume and checkpoint is not None else None
+    if step is not None:
+        drop_rows_after(directory / "plots" / "metrics", step)
 
     class _Live(Live):
         def _init_dvc(self) -> None:
@@ -70,3 +78,14 @@ def open_live(directory: Path, *, resume: bool):
                 self._dvc_file = self._init_dvc_file()
 
     return _Live(str(directory), resume=resume, save_dvc_exp=False, dvcyaml=False)
+
+
+def drop_rows_after(metrics_dir: Path, step: int) -> None:
+    """Keep only the rows up to ``step`` in every DVCLive ``.tsv`` under ``metrics_dir``."""
+    from semires.atomic import write_text
+
+    for tsv in sorted(metrics_dir.rglob("*.tsv")):
+        header, *rows = tsv.read_text(encoding="utf-8").splitlines()
+        kept = [r for r in rows if r.strip() and int(float(r.split("\t", 1)[0])) <= step]
+        if len(kept) < len(rows):
+            write_text(tsv, "\n".join([header, *kept]) + "\n")

@@ -259,7 +259,7 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
         if not resuming:
             shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True, exist_ok=True)
-        live = open_live(scratch / "dvclive", resume=resuming)
+        live = open_live(scratch / "dvclive", resume=resuming, checkpoint=ckpt_path)
         log(
             "train_semi",
             f"{method} at {percent:g}%: {len(lab_refs)} labeled / {len(unl_refs)} unlabeled refs, "

@@ -242,7 +242,7 @@ def _killed(stage: str, project: Path, tmp: Path) -> Killed:
         **{
             f"{section}__steps": STEPS,
             f"{section}__checkpoint_every": CHECKPOINT_EVERY,
-            f"{section}__log_every": 4,
+            f"{section}__log_every": 1,  # rows past the checkpoint before the kill
         },
     )
     run = Killed(
@@ -309,6 +309,11 @@ def test_resumed_run_ends_with_the_weights_of_an_unbroken_run(killed, tmp_path):
     if killed.stage == "train-semi":
         assert_same_tensors(got["teacher"], want["teacher"], f"teacher, resumed at step {step}")
     assert (out_dir / "dvclive" / "metrics.json").is_file()
+    for tsv in (out_dir / "dvclive" / "plots" / "metrics").rglob("*.tsv"):
+        steps = [int(float(r.split("\t")[0])) for r in tsv.read_text().splitlines()[1:]]
+        assert steps == sorted(set(steps)), (
+            f"{tsv.name}: steps logged twice after resuming at {step}: {steps}"
+        )
     assert not any(scratch.iterdir()), "a finished run removes its scratch"
 
 
