@@ -48,17 +48,6 @@ def test_clone_restores_everything_without_running(team):
     assert "Data and pipelines are up to date" in _sh(b, "dvc", "repro")
 
 
-def test_changed_param_in_clone_runs_only_what_reads_it(team):
-    _, b = team
-    _sh(b, "dvc", "repro", "--pull")
-    _edit_params(b, {"split": {"seed": 5}})
-    out = _sh(b, "dvc", "repro", "--pull")
-    ran = _ran(out)
-    assert "split" in ran
-    assert not ran & {"synth", "extract", "propose"}, f"upstream stages reran: {sorted(ran)}"
-    assert ran <= stage_names(b)
-
-
 def test_changed_training_param_in_fresh_clone_trains_again_and_fetches_the_rest(team, tmp_path):
     """A teammate changes semi.lr and runs `dvc repro --pull`: only the teacher-student stages
     and those after them run; everything upstream, the proposals included, comes from the remote."""

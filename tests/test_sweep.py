@@ -1,6 +1,8 @@
 """scripts/sweep.py: variants become params files, datasets are shared, the table has each figure."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import sys
 from pathlib import Path
@@ -40,32 +42,39 @@ def test_variant_overrides_are_yaml_values_and_unknown_sections_fail(sweep):
         sweep.parse_variant(["x", "burn_in.lr"], base)
 
 
-def test_two_variants_share_one_dataset_and_are_tabulated(sweep, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def ran(sweep, tmp_path_factory):
+    """One sweep of three variants on one small dataset: two train, one is refused by burn-in."""
+    out = tmp_path_factory.mktemp("sweep")
     small = ["synth.num_images=24", "synth.image_size=[64,72]", "burn_in.steps=3", "burn_in.eval_every=2"]
-    rc = sweep.main(
-        ["--out", str(tmp_path), "--jobs", "2", "--threads", "1", "--device", "cpu", "--fit-samples", "8",
-         "--variant", "a", *small, "--variant", "b", *small, "model.embed_dim=16"]
-    )  # fmt: skip
-    printed = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0
-    assert len(list(tmp_path.glob("data-*"))) == 1  # one synth / extract / split for both
-    report = json.loads((tmp_path / "sweep.json").read_text())
-    assert set(report) == {"a", "b"}
-    for row in report.values():
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = sweep.main(
+            ["--out", str(out), "--jobs", "2", "--threads", "1", "--device", "cpu", "--fit-samples", "8",
+             "--variant", "a", *small, "--variant", "b", *small, "model.embed_dim=16",
+             "--variant", "bad", *small, "burn_in.steps=0"]
+        )  # fmt: skip
+    return out, rc, printed.getvalue().strip().splitlines()
+
+
+def test_variants_share_one_dataset_and_are_tabulated(ran):
+    out, _, table = ran
+    assert len(list(out.glob("data-*"))) == 1  # one synth / extract / split for all three
+    report = json.loads((out / "sweep.json").read_text())
+    assert list(report) == ["a", "b", "bad"]
+    for name in ("a", "b"):
+        row = report[name]
         assert row["status"] == "done"
         assert 0 <= row["val/mIoU"] <= 100 and 0 <= row["train/mIoU"] <= 100 and row["train/count"] == 8
         assert [s for s, _ in row["val_curve"]] == [2, 3]
     assert report["b"]["overrides"]["model.embed_dim"] == 16
-    assert yaml.safe_load((tmp_path / "b" / "params.yaml").read_text())["model"]["embed_dim"] == 16
-    assert printed[-2].startswith("| a |") and printed[-1].startswith("| b |") and "| done |" in printed[-1]
+    assert yaml.safe_load((out / "b" / "params.yaml").read_text())["model"]["embed_dim"] == 16
+    assert table[-3].startswith("| a |") and table[-2].startswith("| b |") and "| done |" in table[-2]
 
 
-def test_a_failing_variant_is_reported_and_the_exit_status_says_so(sweep, tmp_path, capsys):
-    rc = sweep.main(
-        ["--out", str(tmp_path), "--device", "cpu", "--fit-samples", "4",
-         "--variant", "bad", "synth.num_images=24", "burn_in.steps=0"]
-    )  # fmt: skip
+def test_a_failing_variant_is_reported_and_the_exit_status_says_so(ran):
+    out, rc, table = ran
     assert rc == 1
-    assert json.loads((tmp_path / "sweep.json").read_text())["bad"]["status"] == "failed (exit 2)"
-    assert "burn_in.steps" in (tmp_path / "bad" / "log.txt").read_text()
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("| failed (exit 2) |")
+    assert json.loads((out / "sweep.json").read_text())["bad"]["status"] == "failed (exit 2)"
+    assert "burn_in.steps" in (out / "bad" / "log.txt").read_text()
+    assert table[-1].startswith("| bad |") and table[-1].endswith("| failed (exit 2) |")
