@@ -11,6 +11,10 @@ from .test_pipeline import SMALL, _edit_params, _ran, _sh, copy_project, stage_n
 
 pytestmark = pytest.mark.e2e
 
+# test_pipeline's SMALL cut to one label fraction and one method: sharing needs every stage
+# kind once, not the whole matrix.
+ONE = {**SMALL, "split": {"fractions": [10]}, "semi": {**SMALL["semi"], "methods": ["cpi_pwa"]}}
+
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
@@ -18,7 +22,7 @@ def team(tmp_path_factory):
     team workflow); clone B is a fresh git clone of A."""
     root = tmp_path_factory.mktemp("team")
     a = copy_project(root / "a")
-    _edit_params(a, SMALL)
+    _edit_params(a, ONE)
     _sh(a, "dvc", "remote", "add", "-d", "team", str(root / "remote"))
     _sh(a, "git", "add", "-A")
     _sh(a, "git", "commit", "-qm", "project")
