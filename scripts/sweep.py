@@ -139,6 +139,11 @@ def val_curve(live: Path) -> list[tuple[int, float]]:
     return [(int(r[0]), float(r[1])) for r in rows]
 
 
+def exit_status(results: dict[str, dict[str, Any]]) -> int:
+    """0 when every variant trained and was scored, else 1."""
+    return 0 if all(r["status"] == "done" for r in results.values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"))
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {over} | {fmt('val/mIoU')} | {fmt('val/oIoU')} | {fmt('train/mIoU')} | {curve} | "
             f"{r.get('seconds', '-')} | {r['status']} |"
         )
-    return 0 if all(r["status"] == "done" for r in results.values()) else 1
+    return exit_status(results)
 
 
 if __name__ == "__main__":

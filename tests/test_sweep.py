@@ -57,7 +57,7 @@ def ran(sweep, tmp_path_factory):
     return out, rc, printed.getvalue().strip().splitlines()
 
 
-def test_variants_share_one_dataset_and_are_tabulated(ran):
+def test_variants_share_one_dataset_and_are_tabulated(ran, sweep):
     out, _, table = ran
     assert len(list(out.glob("data-*"))) == 1  # one synth / extract / split for all three
     report = json.loads((out / "sweep.json").read_text())
@@ -69,6 +69,8 @@ def test_variants_share_one_dataset_and_are_tabulated(ran):
         assert [s for s, _ in row["val_curve"]] == [2, 3]
     assert report["b"]["overrides"]["model.embed_dim"] == 16
     assert yaml.safe_load((out / "b" / "params.yaml").read_text())["model"]["embed_dim"] == 16
+    # the two trained variants alone would make a sweep that succeeds
+    assert sweep.exit_status({name: report[name] for name in ("a", "b")}) == 0
     assert table[-3].startswith("| a |") and table[-2].startswith("| b |") and "| done |" in table[-2]
 
 
