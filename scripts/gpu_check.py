@@ -418,12 +418,15 @@ SAM_ROWS = (
     ("fast-bf16", "fast", "bf16"),
     ("fast-compiled-bf16", "fast-compiled", "bf16"),
 )
-# Mask agreement: (row, reference row); the first must be identical.
+# Mask agreement: (row, reference row); the first must be identical. Then bf16's effect on
+# each path, fused attention's (fast vs library in bf16) and compilation's.
 SAM_AGREEMENT = (
     ("fast-fp32", "library-fp32"),
-    ("fast-bf16", "library-fp32"),
     ("library-bf16", "library-fp32"),
+    ("fast-bf16", "library-fp32"),
     ("fast-compiled-bf16", "library-fp32"),
+    ("fast-bf16", "library-bf16"),
+    ("fast-compiled-bf16", "fast-bf16"),
 )
 
 

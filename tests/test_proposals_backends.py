@@ -109,6 +109,9 @@ def test_sam_implementations_share_one_store_identity_where_their_masks_agree(pr
     # torch.compile works lazily: nothing is compiled until the first image
     compiled = SamBackend("tiny", proposals_tiny_ckpt, LOOSE, implementation="fast-compiled")
     assert compiled.config()["implementation"] == "fast-compiled"
+    model = compiled._propose.model
+    for network in (model.image_encoder, model.mask_decoder):
+        assert hasattr(network.forward, "_torchdynamo_orig_callable")  # wrapped by torch.compile
     with pytest.raises(SemiresError, match="proposals.sam_implementation = 'fastest'"):
         SamBackend("tiny", proposals_tiny_ckpt, LOOSE, implementation="fastest")
 
@@ -128,11 +131,10 @@ def test_sam_implementation_param_names_the_key_and_the_choices(tmp_path):
     assert section(path, "proposals", ProposalsParams).sam_implementation == "library"
 
 
-def test_propose_writes_the_same_store_with_the_fast_and_the_library_generator(
-    proposals_synth, tmp_path, monkeypatch
-):
+def test_propose_writes_the_same_store_with_the_fast_and_the_library_generator(tmp_path, monkeypatch):
     """The stage end to end with ``proposals.sam_implementation`` fast and library: the
-    stores are byte for byte the same (a tiny random SAM shaped to keep several masks)."""
+    stores are byte for byte the same (a tiny random SAM shaped to keep several masks; a
+    dataset of a few images)."""
     import yaml
     from typer.testing import CliRunner
 
@@ -140,6 +142,8 @@ def test_propose_writes_the_same_store_with_the_fast_and_the_library_generator(
     from semires.proposals.sam import object_like
     from stages.cli import app
 
+    proposals_synth = tmp_path / "synth"
+    write_dataset(proposals_synth, SynthOptions(num_images=6, seed=4))
     torch.manual_seed(2)
     torch.save(object_like(build_tiny_sam()).state_dict(), tmp_path / "tiny.pth")
     anns = read_refer(proposals_synth, "synthref", "unc")
@@ -161,7 +165,7 @@ def test_propose_writes_the_same_store_with_the_fast_and_the_library_generator(
                 "checkpoint": str(tmp_path / "tiny.pth"),
                 "sam_implementation": implementation,
                 "shard_images": 4,
-                "generator": {"points_per_side": 4, "pred_iou_thresh": 0.01, "stability_score_thresh": 0.0},
+                "generator": {"points_per_side": 3, "pred_iou_thresh": 0.01, "stability_score_thresh": 0.0},
             },
         }
         params.write_text(yaml.safe_dump(doc))
