@@ -109,7 +109,7 @@ def test_sam_implementations_share_one_store_identity_where_their_masks_agree(pr
     # torch.compile works lazily: nothing is compiled until the first image
     compiled = SamBackend("tiny", proposals_tiny_ckpt, LOOSE, implementation="fast-compiled")
     assert compiled.config()["implementation"] == "fast-compiled"
-    model = compiled._propose.model
+    model = compiled.generate.model
     for network in (model.image_encoder, model.mask_decoder):
         assert hasattr(network.forward, "_torchdynamo_orig_callable")  # wrapped by torch.compile
     with pytest.raises(SemiresError, match="proposals.sam_implementation = 'fastest'"):

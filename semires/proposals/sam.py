@@ -326,10 +326,13 @@ class SamBackend(AutomaticMaskBackend):
         self.settings = settings or SamSettings()
         model = load_sam(model_type, self.checkpoint, builders).to(device)
         self.sha256 = file_sha256(self.checkpoint)
-        self._propose = sam_generator(
+        self.generate = sam_generator(
             model, self.settings, precision=precision, implementation=implementation
         )
         self.calls = 0
+
+    def _propose(self, image: np.ndarray) -> Proposals:
+        return self.generate(image)
 
     def config(self) -> dict[str, Any]:
         cfg = {

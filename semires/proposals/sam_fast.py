@@ -146,7 +146,7 @@ class FastMaskGenerator:
 
     def _decode(self, image: np.ndarray, crop_box: list[int], layer: int) -> _Crop:
         """Embed one crop of ``image`` (``H x W x 3`` uint8) and decode its point grid in
-        batches of ``points_per_batch``, the library's batches; no host sync."""
+        batches of ``points_per_batch``, the library's batches, with no host sync between them."""
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         size = crop.shape[:2]
