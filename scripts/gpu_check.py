@@ -8,12 +8,22 @@ Three sections, each against the public SemiRES code's way of doing the same wor
    masks with 100 proposals each at 480 x 480, against the per-mask Python loop: outputs
    must be identical, and on CUDA the batched path runs under
    ``torch.cuda.set_sync_debug_mode("error")`` (any host sync is a failure);
-2. SAM proposals: a randomly initialised ViT-H ``SamAutomaticMaskGenerator`` (library
-   defaults) on synthetic 640 x 480 images through our one-call-per-image path (the ``sam``
-   backend's call, cap, packing and scratch file), beside the public way: SAM once per
-   referred object (2.5 calls per image, as RefCOCO) and one JSON of run-length lists per
-   object. Also the library's GPU setting: ``proposals.precision: bf16`` (image encoder and
-   mask decoder under bf16 autocast; CUDA only here) with a larger ``points_per_batch``;
+2. SAM proposals: a randomly initialised ViT-H whose mask head is shaped so that its
+   masks look like a trained SAM's to the post-processing (``object_like``), on synthetic
+   640 x 480 images at the library's default settings (32 x 32 points, 64 a batch), with
+   the predicted-IoU and stability thresholds calibrated on the first image so that about
+   100 masks per image survive (:func:`calibrate`; the library's 0.88 / 0.95 keep none of
+   a random SAM's masks, which left the post-processing out of the measurement). Five rows
+   through the per-image path of ``propose`` (generator, cap, packing, scratch file):
+   segment-anything's ``SamAutomaticMaskGenerator`` ("library", before) and semires'
+   generator ("fast": post-processing on the device; "fast-compiled": also
+   ``torch.compile`` of the image encoder and the mask decoder), in fp32 and bf16. Each
+   row: images/s, the share of time in the image encoder, the mask decoder and the
+   post-processing, and the operators with the most time for one image (torch.profiler).
+   The masks of the first images are compared between rows (IoU of masks paired one to
+   one, count of masks that differ): fast fp32 must equal the library's fp32 bit for bit
+   (a correctness check). Beside them the public way: SAM once per referred object (2.5
+   calls per image, as RefCOCO) and one JSON of run-length lists per object;
 3. the teacher-student step (``semires.semi.semi_step``) of the ``paper`` LAVT (Swin-B,
    480 x 480, a random BERT-base) on 8 labeled + 8 unlabeled samples with 100 proposals
    each: samples/s and model FLOP utilisation, beside a step written the public way (fp32,
@@ -70,11 +80,13 @@ class Sizes:
     refine_iters: int = 50  # at most, batched; the loop gets a fifth
     sam_model: str = "vit_h"
     sam_image_hw: tuple[int, int] = (480, 640)
-    sam_images: int = 300  # at most, for ours and for the variant
+    sam_images: int = 300  # at most, each row
     sam_public_images: int = 100  # at most
     sam_points_per_side: int | None = None  # None: the library default
-    sam_loose: bool = False  # thresholds at 0, so that junk masks pass (tiny: exercise every path)
-    variant_points_per_batch: int = 256
+    sam_target_masks: int = 100  # thresholds calibrated so that about this many survive
+    sam_compare_images: int = 3  # images whose masks are compared between the rows
+    sam_profile_images: int = 2  # images timed phase by phase, each row
+    sam_compile_backend: str = "inductor"  # torch.compile backend of the fast-compiled row
     model_preset: str = "paper"
     labeled: int = 8
     unlabeled: int = 8
@@ -94,8 +106,10 @@ class Sizes:
             sam_images=3,
             sam_public_images=2,
             sam_points_per_side=4,
-            sam_loose=True,
-            variant_points_per_batch=8,
+            sam_target_masks=6,
+            sam_compare_images=1,
+            sam_profile_images=1,
+            sam_compile_backend="eager",  # graph capture without code generation (inductor: minutes on a CPU)
             model_preset="tiny",
             labeled=2,
             unlabeled=2,
@@ -333,38 +347,170 @@ def build_sam(model_type: str, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def sam_backend(model: torch.nn.Module, settings):
-    """The ``sam`` backend's per-image path (``AutomaticMaskBackend.__call__``) over a model in
-    memory: ``SamBackend`` itself reads weights from a checkpoint file, which a random ViT-H
-    does not have (writing and hashing 2.5 GB would eat the budget)."""
-    from segment_anything import SamAutomaticMaskGenerator
+def calibrate(model: torch.nn.Module, image: np.ndarray, settings, target: int):
+    """Generator settings under which about ``target`` masks of ``image`` survive: the
+    predicted-IoU and stability thresholds are the ``q``-quantiles of the candidates' own
+    scores, one ``q`` for both, found by bisection on the count after box NMS; if even
+    ``q = 0`` (no threshold) keeps fewer than half of ``target`` at the library's
+    ``box_nms_thresh``, NMS is relaxed to 1.0 (suppress nothing) first.
 
-    from semires.proposals.sam import AutomaticMaskBackend
+    Counts follow the generator's own rules (a threshold applies only when it is above 0;
+    masks at a crop edge go). Returns ``(settings, info)``."""
+    from torchvision.ops.boxes import batched_nms
 
-    backend = AutomaticMaskBackend()
-    backend.generator = SamAutomaticMaskGenerator(
-        model, output_mode="binary_mask", **dataclasses.asdict(settings)
-    )
-    backend.calls = 0
-    return backend
+    from semires.proposals.sam_fast import FastMaskGenerator
+
+    with torch.inference_mode():
+        c = FastMaskGenerator(model, settings).candidates(image)
+    iou, stab = c.predicted_iou.float(), c.stability_score.float()
+    finite = stab[~stab.isnan()]
+
+    def thresholds(q: float) -> tuple[float, float]:
+        ti = float(torch.quantile(iou, q)) if q > 0 else 0.0
+        ts = float(torch.quantile(finite, q)) if q > 0 and len(finite) else 0.0
+        return max(ti, 0.0), max(ts, 0.0)
+
+    def kept(q: float, nms: float) -> int:
+        ti, ts = thresholds(q)
+        keep = ~c.near_edge
+        if ti > 0:
+            keep &= iou > ti
+        if ts > 0:
+            keep &= stab >= ts
+        sel = torch.nonzero(keep)[:, 0]
+        return len(batched_nms(c.boxes[sel].float(), iou[sel], torch.zeros_like(sel), nms))
+
+    nms = settings.box_nms_thresh
+    if kept(0.0, nms) < target / 2:
+        nms = 1.0
+    lo, hi = 0.0, 1.0  # kept(lo) >= target > kept(hi), roughly: the count falls as q rises
+    if kept(lo, nms) <= target:
+        hi = lo
+    for _ in range(20):
+        if hi == lo:
+            break
+        mid = (lo + hi) / 2
+        if kept(mid, nms) >= target:
+            lo = mid
+        else:
+            hi = mid
+    q = min((lo, hi), key=lambda v: abs(kept(v, nms) - target))
+    ti, ts = thresholds(q)
+    chosen = dataclasses.replace(settings, pred_iou_thresh=ti, stability_score_thresh=ts, box_nms_thresh=nms)
+    info = {
+        "target": target,
+        "candidates": len(iou),
+        "quantile": q,
+        "kept_on_first_image": kept(q, nms),
+        "kept_without_thresholds_at_library_nms": kept(0.0, settings.box_nms_thresh),
+        "predicted_iou_range": [float(iou.min()), float(iou.max())],
+        "stability_nonzero_share": float((finite > 0).float().mean()) if len(finite) else 0.0,
+    }
+    return chosen, info
 
 
-def bf16_image_encoder(model: torch.nn.Module) -> Callable[[], None]:
-    """``proposals.precision: bf16`` on a model in memory: the library's own switch
-    (image encoder and mask decoder under bf16 autocast, outputs back in float32).
-    Returns the undo."""
-    from semires.proposals.sam import _BF16_MODULES, run_in_bf16
+# The SAM rows: (name, implementation, precision). "library" is segment-anything's
+# SamAutomaticMaskGenerator (before), "fast"/"fast-compiled" semires' generator (after).
+SAM_ROWS = (
+    ("library-fp32", "library", "fp32"),
+    ("fast-fp32", "fast", "fp32"),
+    ("library-bf16", "library", "bf16"),
+    ("fast-bf16", "fast", "bf16"),
+    ("fast-compiled-bf16", "fast-compiled", "bf16"),
+)
+# Mask agreement: (row, reference row); the first must be identical. Then bf16's effect on
+# each path, fused attention's (fast vs library in bf16) and compilation's.
+SAM_AGREEMENT = (
+    ("fast-fp32", "library-fp32"),
+    ("library-bf16", "library-fp32"),
+    ("fast-bf16", "library-fp32"),
+    ("fast-compiled-bf16", "library-fp32"),
+    ("fast-bf16", "library-bf16"),
+    ("fast-compiled-bf16", "fast-bf16"),
+)
 
-    device_type = next(model.parameters()).device.type
-    mods = [getattr(model, n) for n in _BF16_MODULES if isinstance(getattr(model, n, None), torch.nn.Module)]
-    for m in mods:
-        run_in_bf16(m, device_type)
-    return lambda: [vars(m).pop("forward", None) for m in mods]
+
+class PhaseTimer:
+    """Seconds spent inside ``model.image_encoder`` and ``model.mask_decoder`` calls (forward
+    hooks; the device is synchronised at every boundary, so the shares are exact but the
+    total is a little above an unhooked run)."""
+
+    def __init__(self, model: torch.nn.Module, clock: Clock) -> None:
+        self.clock = clock
+        self.seconds = {"encoder": 0.0, "decoder": 0.0}
+        self._hooks = []
+        for name, module in (("encoder", model.image_encoder), ("decoder", model.mask_decoder)):
+            self._hooks.append(module.register_forward_pre_hook(self._start))
+            self._hooks.append(module.register_forward_hook(lambda *_, name=name: self._stop(name)))
+        self._t = 0.0
+
+    def _start(self, *_: Any) -> None:
+        self.clock.sync()
+        self._t = time.perf_counter()
+
+    def _stop(self, name: str) -> None:
+        self.clock.sync()
+        self.seconds[name] += time.perf_counter() - self._t
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def phase_shares(generate: Callable[[np.ndarray], Any], model, images, clock: Clock) -> dict[str, float]:
+    """Share of one image's time in the image encoder, the mask decoder and the rest (the
+    post-processing: upsampling, stability score, thresholds, boxes, NMS, RLE or packing,
+    the copy to the host; also the image's resize to the encoder's input)."""
+    timer = PhaseTimer(model, clock)
+    try:
+        clock.sync()
+        t = time.perf_counter()
+        for image in images:
+            generate(image)
+        clock.sync()
+        total = time.perf_counter() - t
+    finally:
+        timer.remove()
+    enc, dec = timer.seconds["encoder"], timer.seconds["decoder"]
+    return {
+        "seconds_per_image": total / len(images),
+        "encoder": enc / total,
+        "decoder": dec / total,
+        "post": max(0.0, 1 - (enc + dec) / total),
+    }
+
+
+def top_ops(generate: Callable[[np.ndarray], Any], image: np.ndarray, device: torch.device, k: int = 8):
+    """The ``k`` operators with the most self time (device time on CUDA) for one image."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        generate(image)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
+    total = sum(getattr(e, key, 0.0) for e in events) or 1.0
+    return [
+        {
+            "op": e.key[:60],
+            "ms": getattr(e, key, 0.0) / 1e3,
+            "share": getattr(e, key, 0.0) / total,
+            "calls": e.count,
+        }
+        for e in events[:k]
+    ]
 
 
 def section_sam(sizes: Sizes, device: torch.device, deadline: float) -> dict[str, Any]:
+    import copy
+
+    from segment_anything import SamAutomaticMaskGenerator
+
     from semires.proposals.base import cap
-    from semires.proposals.sam import SamSettings
+    from semires.proposals.sam import SamSettings, object_like, sam_generator
+    from semires.proposals.sam_fast import compare_masks
     from semires.proposals.store import ImageResult, Scratch
 
     runs_encode = sibling("bench_proposals").runs_encode  # the public code's per-object format
@@ -372,14 +518,25 @@ def section_sam(sizes: Sizes, device: torch.device, deadline: float) -> dict[str
     settings = SamSettings()
     if sizes.sam_points_per_side is not None:
         settings = dataclasses.replace(settings, points_per_side=sizes.sam_points_per_side)
-    if sizes.sam_loose:
-        settings = dataclasses.replace(settings, pred_iou_thresh=0.0, stability_score_thresh=0.0)
     t = time.perf_counter()
-    model = build_sam(sizes.sam_model, device)
+    torch.manual_seed(0)
+    base = build_sam(sizes.sam_model, device)
+    object_like(base)
     build_s = time.perf_counter() - t
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in base.parameters())
     log("sam", f"random {sizes.sam_model} ({params / 1e6:.1f} M params) built on {device} in {build_s:.1f} s")
     pool = synthetic_images(16, sizes.sam_image_hw)
+    t = time.perf_counter()
+    settings, calibration = calibrate(base, pool[0], settings, sizes.sam_target_masks)
+    calibration["seconds"] = time.perf_counter() - t
+    log(
+        "sam",
+        f"thresholds for ~{sizes.sam_target_masks} masks/image: pred_iou_thresh "
+        f"{settings.pred_iou_thresh:.4f}, stability_score_thresh {settings.stability_score_thresh:.4f}, "
+        f"box_nms_thresh {settings.box_nms_thresh} ({calibration['kept_on_first_image']} of "
+        f"{calibration['candidates']} kept on the first image; "
+        f"{calibration['kept_without_thresholds_at_library_nms']} at the library's box NMS, no thresholds)",
+    )
     clock = Clock(device)
     out: dict[str, Any] = {
         "model": sizes.sam_model,
@@ -387,50 +544,103 @@ def section_sam(sizes: Sizes, device: torch.device, deadline: float) -> dict[str
         "build_s": build_s,
         "image_hw": list(sizes.sam_image_hw),
         "settings": dataclasses.asdict(settings),
-        "weights": "random (masks are junk; timing only)",
+        "calibration": calibration,
+        "weights": "random, mask head shaped by object_like; the masks mean nothing (timing only)",
+        "rows": {},
+        "row_errors": {},
     }
+    compare_n = min(sizes.sam_compare_images, len(pool))
+    outputs: dict[str, list[Any]] = {}
 
-    def run_ours(name: str, backend, limit: int, until: float, tmp: Path) -> dict[str, Any]:
+    def run_row(name: str, implementation: str, precision: str, until: float, tmp: Path) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        model = copy.deepcopy(base)
+        generate = sam_generator(
+            model,
+            settings,
+            precision=precision,
+            implementation=implementation,
+            compile_backend=sizes.sam_compile_backend,
+        )
         scratch = Scratch(tmp / name)
         found: list[int] = []
+        runs: list[float] = []
+        kept: list[Any] = []
 
         def one(i: int) -> None:
-            image = pool[i % len(pool)]
-            props = backend(image)
+            props = generate(pool[i % len(pool)])
             found.append(len(props))
+            if i < compare_n:
+                kept.append(props)
             scratch.save(i, ImageResult.from_proposals(cap(props, max_masks), len(props), ""))
 
-        one(0)  # warm-up: kernels, allocator, autotuning
-        clock.sync()
-        found.clear()
-        backend.calls = 0
-        start, done, last = time.perf_counter(), 0, time.perf_counter()
-        while done == 0 or (done < limit and time.perf_counter() < until):
-            one(done)
-            done += 1
-            if time.perf_counter() - last > 10:
-                last = time.perf_counter()
-                log("sam", f"{name}: {done} images, {done / (last - start):.2f} images/s")
-        clock.sync()
-        seconds = time.perf_counter() - start
+        with torch.inference_mode():
+            warm = time.perf_counter()
+            generate(pool[0])  # warm-up: kernels, allocator, compilation
+            clock.sync()
+            warmup_s = time.perf_counter() - warm
+            start, done, last = time.perf_counter(), 0, time.perf_counter()
+            while done == 0 or (done < sizes.sam_images and time.perf_counter() < until):
+                one(done)
+                done += 1
+                if time.perf_counter() - last > 10:
+                    last = time.perf_counter()
+                    log("sam", f"{name}: {done} images, {done / (last - start):.2f} images/s")
+            clock.sync()
+            seconds = time.perf_counter() - start
+            while len(kept) < compare_n:  # the comparison images, if the time ran out first
+                kept.append(generate(pool[len(kept)]))
+            shares = phase_shares(generate, model, pool[: sizes.sam_profile_images], clock)
+            try:
+                ops = top_ops(generate, pool[1 % len(pool)], device)
+            except Exception as e:  # the profiler is an extra: its failure is reported, not fatal
+                ops = [
+                    {
+                        "op": f"profiler failed: {type(e).__name__}: {e}"[:60],
+                        "ms": 0.0,
+                        "share": 0.0,
+                        "calls": 0,
+                    }
+                ]
+        for p in kept[:1]:
+            m = p.masks
+            runs.append(float((m[:, :, 1:] != m[:, :, :-1]).sum() / max(1, m.shape[0] * m.shape[1])))
+        outputs[name] = kept
         row = {
+            "implementation": implementation,
+            "precision": precision,
             "images": done,
             "seconds": seconds,
             "images_per_s": done / seconds,
-            "calls_per_image": backend.calls / done,
             "masks_per_image": float(np.mean(found)),
+            "warmup_s": warmup_s,
+            "row_edges_per_mask_row": runs[0] if runs else 0.0,
+            "shares": shares,
+            "top_ops": ops,
+            "row_s": time.perf_counter() - t0,
         }
         log(
             "sam",
             f"{name}: {done} images in {seconds:.1f} s = {row['images_per_s']:.2f} images/s, "
-            f"{row['masks_per_image']:.1f} masks/image",
+            f"{row['masks_per_image']:.1f} masks/image (warm-up {warmup_s:.1f} s); time in encoder "
+            f"{100 * shares['encoder']:.0f} %, decoder {100 * shares['decoder']:.0f} %, post-processing "
+            f"{100 * shares['post']:.0f} %",
         )
+        for op in ops[:5]:
+            log(
+                "sam",
+                f"  {name} top op: {op['op']} {op['ms']:.1f} ms "
+                f"({100 * op['share']:.0f} %, {op['calls']} calls)",
+            )
         return row
 
-    def run_public(generator, limit: int, until: float, tmp: Path) -> dict[str, Any]:
+    def run_public(limit: int, until: float, tmp: Path) -> dict[str, Any]:
         folder = tmp / "public"
         folder.mkdir()
         calls: list[int] = []
+        generator = SamAutomaticMaskGenerator(
+            copy.deepcopy(base), output_mode="binary_mask", **dataclasses.asdict(settings)
+        )
 
         def one(i: int) -> None:
             image = pool[i % len(pool)]
@@ -468,44 +678,60 @@ def section_sam(sizes: Sizes, device: torch.device, deadline: float) -> dict[str
         )
         return row
 
+    # Time per row, as shares of what is left: the library's rows are the slow ones, the
+    # compiled row pays for its compilation.
+    weights = {"library-fp32": 3, "fast-fp32": 2, "library-bf16": 3, "fast-bf16": 2, "fast-compiled-bf16": 3}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        left = deadline - time.perf_counter()
-        now = time.perf_counter()
-        backend = sam_backend(model, settings)
-        out["ours"] = run_ours("ours", backend, sizes.sam_images, now + 0.40 * left, tmp)
-
-        # proposals.precision bf16 and a larger points_per_batch: the settings for a GPU.
-        bf16 = device.type == "cuda"
-        vsettings = dataclasses.replace(settings, points_per_batch=sizes.variant_points_per_batch)
-        vbackend = sam_backend(model, vsettings)
-        rel_err = None
-        undo = lambda: None  # noqa: E731
-        try:
-            if bf16:  # how far the bf16 image embedding is from the float32 one
-                predictor = vbackend.generator.predictor
-                predictor.set_image(pool[0])
-                ref = predictor.features.float()
-                undo = bf16_image_encoder(model)
-                predictor.set_image(pool[0])
-                rel_err = float((predictor.features.float() - ref).norm() / ref.norm())
-                predictor.reset_image()
-                del ref
+        for k, (name, implementation, precision) in enumerate(SAM_ROWS):
             left = deadline - time.perf_counter()
-            row = run_ours("ours-variant", vbackend, sizes.sam_images, time.perf_counter() + 0.35 * left, tmp)
-        finally:
-            undo()
-        row.update(
-            bf16_image_encoder=bf16,
-            points_per_batch=sizes.variant_points_per_batch,
-            embedding_rel_err=rel_err,
+            share = weights[name] / (sum(weights[n] for n, _, _ in SAM_ROWS[k:]) + 2)  # 2: public
+            try:
+                out["rows"][name] = run_row(
+                    name, implementation, precision, time.perf_counter() + share * left, tmp
+                )
+            except Exception as e:  # one row failing (out of memory, compilation) keeps the others
+                traceback.print_exc()
+                out["row_errors"][name] = f"{type(e).__name__}: {e}".splitlines()[0]
+                outputs.pop(name, None)
+            release(device)  # the row's model copy is gone with its frame
+        out["public"] = run_public(sizes.sam_public_images, deadline, tmp)
+        release(device)
+    agreement: dict[str, Any] = {}
+    for name, ref in SAM_AGREEMENT:
+        if name not in outputs or ref not in outputs:
+            continue
+        parts = [
+            compare_masks(torch.as_tensor(a.masks, device=device), torch.as_tensor(b.masks, device=device))
+            for a, b in zip(outputs[name], outputs[ref], strict=True)
+        ]
+        pairs = sum(p.pairs for p in parts)
+        row = {
+            "images": len(parts),
+            "masks": sum(p.count_a for p in parts),
+            "reference_masks": sum(p.count_b for p in parts),
+            "identical": sum(p.identical for p in parts),
+            "differ": sum(p.differ for p in parts),
+            "mean_iou": sum(p.mean_iou * p.pairs for p in parts) / pairs if pairs else 1.0,
+            "min_iou": min((p.min_iou for p in parts if p.pairs), default=1.0),
+        }
+        row["all_identical"] = row["differ"] == 0 and row["masks"] == row["reference_masks"]
+        agreement[f"{name} vs {ref}"] = row
+        log(
+            "sam",
+            f"masks {name} vs {ref} on {row['images']} images: {row['masks']} vs {row['reference_masks']}, "
+            f"{row['identical']} identical, {row['differ']} differ, matched IoU mean {row['mean_iou']:.4f} "
+            f"min {row['min_iou']:.4f}",
         )
-        out["variant"] = row
-        if rel_err is not None:
-            log("sam", f"variant: bf16 image embedding within {rel_err:.2e} (relative L2) of float32")
-        out["public"] = run_public(backend.generator, sizes.sam_public_images, deadline, tmp)
-    out["speedup"] = out["ours"]["images_per_s"] / out["public"]["images_per_s"]
-    out["variant_speedup"] = out["variant"]["images_per_s"] / out["public"]["images_per_s"]
+    out["agreement"] = agreement
+    ips = {name: row["images_per_s"] for name, row in out["rows"].items()}
+    for key, a, b in (
+        ("speedup_fp32", "fast-fp32", "library-fp32"),
+        ("speedup_bf16", "fast-bf16", "library-bf16"),
+        ("speedup_compiled", "fast-compiled-bf16", "library-bf16"),
+    ):
+        out[key] = ips[a] / ips[b] if a in ips and b in ips else None
+    out["speedup_public"] = ips["fast-bf16"] / out["public"]["images_per_s"] if "fast-bf16" in ips else None
     return out
 
 
@@ -835,31 +1061,70 @@ def table(report: dict[str, Any]) -> list[str]:
     s = report.get("sam")
     if s and "public" in s:
         target = TARGETS["sam_images_per_s"]
-        for key, label in (("ours", "SAM images/s (library path)"), ("variant", "SAM images/s (variant)")):
-            v = s[key]
-            if key == "variant":
-                precision = "bf16" if v["bf16_image_encoder"] else "fp32"
-                label += f" proposals.precision {precision}, points_per_batch={v['points_per_batch']}"
+        r = s["rows"]
+        model = f"{s['model']}, {s['calibration']['target']} masks/image"
+
+        def shares(row: dict[str, Any]) -> str:
+            sh = row["shares"]
+            return f"{100 * sh['encoder']:.0f}/{100 * sh['decoder']:.0f}/{100 * sh['post']:.0f} %"
+
+        for fast, lib, label in (
+            ("fast-fp32", "library-fp32", "fp32"),
+            ("fast-bf16", "library-bf16", "bf16"),
+            ("fast-compiled-bf16", "library-bf16", "bf16, compiled"),
+        ):
+            if fast not in r or lib not in r:
+                continue  # the row raised: listed below
+            ips = r[fast]["images_per_s"]
+            bf16 = r[fast]["precision"] == "bf16"
             rows.append(
                 (
-                    f"{label}, {s['model']} random",
-                    fmt(v["images_per_s"]),
-                    fmt(s["public"]["images_per_s"]),
-                    fmt(v["images_per_s"] / s["public"]["images_per_s"], ".1f", "x"),
-                    f">= {target:.0f} images/s",
-                    met(v["images_per_s"] >= target),
+                    f"SAM images/s {label} ({model}): semires vs library generator",
+                    fmt(ips),
+                    fmt(r[lib]["images_per_s"]),
+                    fmt(ips / r[lib]["images_per_s"], ".1f", "x"),
+                    f">= {target:.0f} images/s" if bf16 else "",
+                    met(ips >= target) if bf16 else "",
                 )
+            )
+            rows.append(
+                (f"SAM time encoder/decoder/post {label}", shares(r[fast]), shares(r[lib]), "", "", "")
             )
         rows.append(
             (
-                "SAM masks/image, calls/image (random weights)",
-                f"{fmt(s['ours']['masks_per_image'], '.1f')}, {fmt(s['ours']['calls_per_image'], '.1f')}",
-                f"-, {fmt(s['public']['calls_per_image'], '.1f')}",
-                "",
+                "SAM images/s semires bf16 vs public-style (fp32, 2.5 calls/image)",
+                fmt(r.get("fast-bf16", {}).get("images_per_s")),
+                fmt(s["public"]["images_per_s"]),
+                fmt(s["speedup_public"], ".1f", "x"),
                 "",
                 "",
             )
         )
+        cal = s["calibration"]
+        rows.append(
+            (
+                "SAM thresholds (iou/stability/box NMS), masks/image semires bf16, library bf16",
+                f"{s['settings']['pred_iou_thresh']:.4f}/{s['settings']['stability_score_thresh']:.4f}/"
+                f"{s['settings']['box_nms_thresh']}",
+                f"{fmt(r.get('fast-bf16', {}).get('masks_per_image'), '.1f')}, "
+                f"{fmt(r.get('library-bf16', {}).get('masks_per_image'), '.1f')}",
+                "",
+                f"~{cal['target']} masks/image",
+                "",
+            )
+        )
+        for name, a in s["agreement"].items():
+            rows.append(
+                (
+                    f"SAM masks {name}: identical/differ, matched IoU mean (min)",
+                    f"{a['identical']}/{a['differ']} of {a['reference_masks']}, "
+                    f"{a['mean_iou']:.4f} ({a['min_iou']:.4f})",
+                    "",
+                    "",
+                    "identical" if name.startswith("fast-fp32 ") else "",
+                    fmt(a["all_identical"]) if name.startswith("fast-fp32 ") else "",
+                )
+            )
     t = report.get("train")
     if t and "ours" in t:
         pub, ours = t.get("public", {}), t["ours"]
@@ -908,6 +1173,9 @@ def correctness(report: dict[str, Any]) -> dict[str, bool]:
         checks[f"refine_{name}_identical"] = s["identical"]
         if s["no_host_sync"] is not None:
             checks[f"refine_{name}_no_host_sync"] = s["no_host_sync"]
+    for name, a in report.get("sam", {}).get("agreement", {}).items():
+        if name.startswith("fast-fp32 "):  # float32: the library's masks, bit for bit
+            checks["sam_fast_fp32_identical"] = a["all_identical"]
     if "finite_loss" in report.get("train", {}):
         checks["train_finite_loss"] = report["train"]["finite_loss"]
     return checks
@@ -920,7 +1188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="write every figure here as JSON")
     ap.add_argument("--tiny", action="store_true", help="CPU sizes: tiny models, few images and proposals")
     ap.add_argument("--sections", default="refine,sam,train", help="comma-separated subset to run")
-    ap.add_argument("--sam-images", type=int, default=None, help="at most this many images (ours, variant)")
+    ap.add_argument("--sam-images", type=int, default=None, help="at most this many images (each SAM row)")
     ap.add_argument("--sam-public-images", type=int, default=None, help="at most this many (public-style)")
     ap.add_argument("--steps", type=int, default=None, help="at most this many timed training steps (ours)")
     ap.add_argument(
@@ -975,6 +1243,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             report["errors"][section] = f"{type(e).__name__}: {e}".splitlines()[0]
         release(device)  # the section's models are gone with its frame
+    for row, err in report.get("sam", {}).get("row_errors", {}).items():
+        report["errors"][f"sam {row}"] = err
     report["checks"] = correctness(report)
     report["ok"] = all(report["checks"].values())
     report["elapsed_s"] = time.perf_counter() - t0

@@ -31,6 +31,7 @@ from semires.atomic import atomic_path, write_json
 from semires.errors import SemiresError
 from semires.proposals import store
 from semires.proposals.base import Backend, cap, file_sha256, read_image
+from semires.proposals.sam import IMPLEMENTATIONS as SAM_IMPLEMENTATIONS
 from semires.proposals.store import ImageResult, Layout, Scratch
 from stages.common import DEFAULT_PARAMS, ParamsOption, log, stage_command
 from stages.params import DatasetParams, check, section
@@ -109,6 +110,7 @@ class ProposalsParams:
     sam2_config: str = "configs/sam2.1/sam2.1_hiera_l.yaml"
     sam2_checkpoint: str = "models/sam2.1_hiera_large.pt"
     precision: str = "fp32"  # sam/sam2: fp32 (the paper's) or bf16 (autocast: faster on GPUs)
+    sam_implementation: str = "fast"  # sam: fast | fast-compiled | library (semires.proposals.sam)
     generator: GeneratorParams = dataclasses.field(default_factory=GeneratorParams)
     offline: OfflineProposalParams = dataclasses.field(default_factory=OfflineProposalParams)
     max_masks: int = 256
@@ -133,6 +135,12 @@ class ProposalsParams:
             self.precision,
             "expected fp32 (the paper's) or bf16",
         )
+        check(
+            self.sam_implementation in SAM_IMPLEMENTATIONS,
+            "proposals.sam_implementation",
+            self.sam_implementation,
+            f"expected one of {', '.join(SAM_IMPLEMENTATIONS)}",
+        )
         check(1 <= self.max_masks <= 4096, "proposals.max_masks", self.max_masks, "expected 1..4096")
         check(1 <= self.shard_images <= 4096, "proposals.shard_images", self.shard_images, "expected 1..4096")
 
@@ -148,6 +156,7 @@ def make_backend(p: ProposalsParams, device: Any) -> Backend:
             SamSettings(**asdict(p.generator)),
             device=device,
             precision=p.precision,
+            implementation=p.sam_implementation,
         )
     if p.backend == "sam2":
         from semires.proposals.sam2 import Sam2Backend, Sam2Settings

@@ -14,6 +14,7 @@ from semires.errors import SemiresError
 from semires.proposals.base import Proposals, mask_boxes, read_image
 from semires.proposals.offline import FelzenszwalbMultiscale
 from semires.proposals.sam import SamBackend, SamSettings, build_tiny_sam
+from semires.proposals.store import ProposalStore
 from semires.refer import read_refer
 from semires.synth import SynthOptions, write_dataset
 
@@ -92,6 +93,93 @@ def test_sam_backend_in_bf16_runs_the_same_generator_under_autocast(proposals_sy
     assert fp32.config()["precision"] == "fp32" and bf16.config()["precision"] == "bf16"
     with pytest.raises(SemiresError, match="proposals.precision = 'fp16'"):
         SamBackend("tiny", proposals_tiny_ckpt, LOOSE, precision="fp16")
+
+
+def test_sam_implementations_share_one_store_identity_where_their_masks_agree(proposals_tiny_ckpt):
+    """fast and library give the same masks in float32: same config, so the store's bytes
+    do not change; in bf16 or with a compiled encoder they can differ, and the config says
+    which made them."""
+    fast = SamBackend("tiny", proposals_tiny_ckpt, LOOSE)
+    library = SamBackend("tiny", proposals_tiny_ckpt, LOOSE, implementation="library")
+    assert fast.implementation == "fast" and "implementation" not in fast.config()
+    assert fast.config() == library.config()
+    for implementation in ("fast", "library"):
+        bf16 = SamBackend("tiny", proposals_tiny_ckpt, LOOSE, precision="bf16", implementation=implementation)
+        assert bf16.config()["implementation"] == implementation
+    # torch.compile works lazily: nothing is compiled until the first image
+    compiled = SamBackend("tiny", proposals_tiny_ckpt, LOOSE, implementation="fast-compiled")
+    assert compiled.config()["implementation"] == "fast-compiled"
+    model = compiled.generate.model
+    for network in (model.image_encoder, model.mask_decoder):
+        assert hasattr(network.forward, "_torchdynamo_orig_callable")  # wrapped by torch.compile
+    with pytest.raises(SemiresError, match="proposals.sam_implementation = 'fastest'"):
+        SamBackend("tiny", proposals_tiny_ckpt, LOOSE, implementation="fastest")
+
+
+def test_sam_implementation_param_names_the_key_and_the_choices(tmp_path):
+    from stages.params import section
+    from stages.propose import ProposalsParams
+
+    path = tmp_path / "params.yaml"
+    path.write_text("proposals:\n  sam_implementation: fastest\n")
+    with pytest.raises(SemiresError) as e:
+        section(path, "proposals", ProposalsParams)
+    assert str(e.value).endswith(
+        "proposals.sam_implementation = 'fastest': expected one of fast, fast-compiled, library"
+    )
+    path.write_text("proposals:\n  sam_implementation: library\n")
+    assert section(path, "proposals", ProposalsParams).sam_implementation == "library"
+
+
+def test_propose_writes_the_same_store_with_the_fast_and_the_library_generator(tmp_path, monkeypatch):
+    """The stage end to end with ``proposals.sam_implementation`` fast and library: the
+    stores are byte for byte the same (a tiny random SAM shaped to keep several masks; a
+    dataset of a few images)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from semires import annotations
+    from semires.proposals.sam import object_like
+    from stages.cli import app
+
+    proposals_synth = tmp_path / "synth"
+    write_dataset(proposals_synth, SynthOptions(num_images=6, seed=4))
+    torch.manual_seed(2)
+    torch.save(object_like(build_tiny_sam()).state_dict(), tmp_path / "tiny.pth")
+    anns = read_refer(proposals_synth, "synthref", "unc")
+    annotations.save_images(tmp_path / "train_images.json", anns, "train")
+    monkeypatch.delenv("SEMIRES_NPROC", raising=False)
+    trees = {}
+    for implementation in ("library", "fast"):
+        params = tmp_path / f"params-{implementation}.yaml"
+        doc = {
+            "dataset": {
+                "name": "synthref",
+                "split_by": "unc",
+                "refer_root": str(proposals_synth),
+                "image_dir": str(proposals_synth / "images/synthref"),
+            },
+            "proposals": {
+                "backend": "sam",
+                "model_type": "tiny",
+                "checkpoint": str(tmp_path / "tiny.pth"),
+                "sam_implementation": implementation,
+                "shard_images": 4,
+                "generator": {"points_per_side": 3, "pred_iou_thresh": 0.01, "stability_score_thresh": 0.0},
+            },
+        }
+        params.write_text(yaml.safe_dump(doc))
+        out = tmp_path / f"{implementation}.zarr"
+        args = ["propose", "--images", str(tmp_path / "train_images.json"), "--out", str(out)]
+        args += ["--scratch", str(tmp_path / f"scratch-{implementation}"), "--params", str(params)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        trees[implementation] = {
+            str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()
+        }
+    assert trees["fast"] == trees["library"]
+    store = ProposalStore(tmp_path / "fast.zarr")
+    assert sum(store.num_masks(i) for i in store.image_ids) >= 2 * len(store.image_ids)  # several masks each
 
 
 def test_sam_missing_checkpoint_names_the_file(tmp_path):

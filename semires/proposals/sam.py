@@ -6,6 +6,15 @@ loaded, so that a missing file or a checkpoint of another model type is one clea
 instead of a pickle or a ``load_state_dict`` traceback. ``tiny`` is a randomly initialised
 0.2 M-parameter SAM built from the same modules, for tests; it loads its checkpoint through
 the same code.
+
+Implementations of the generator (``implementation``): ``library`` calls
+``SamAutomaticMaskGenerator.generate``; ``fast`` (the default) is
+:class:`semires.proposals.sam_fast.FastMaskGenerator`, the same masks with the
+post-processing on the model's device, and in bf16 the image encoder's attention through
+``scaled_dot_product_attention``; ``fast-compiled`` adds ``torch.compile`` of the image
+encoder and the mask decoder. In float32 ``fast`` and ``library`` return identical masks,
+so the store does not record which made them; wherever the two can differ (bf16,
+compiled networks) it does.
 """
 
 from __future__ import annotations
@@ -79,6 +88,27 @@ def build_tiny_sam(checkpoint: str | None = None) -> torch.nn.Module:
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     ).eval()
+
+
+@torch.no_grad()
+def object_like(model: torch.nn.Module, gain: float = 30.0) -> torch.nn.Module:
+    """Shape a randomly initialised SAM's mask head (in place) so that its masks look like a
+    trained SAM's to the post-processing; for tests and benchmarks without weights.
+
+    At initialisation every mask is fine noise over the whole image: the decoder's two 2x2
+    transposed convolutions print a periodic pattern into every embedding cell, so every
+    box is the whole image (box NMS keeps one mask), and the logits stay within about
+    +-0.3 (every stability score is 0). Here each transposed convolution uses its first
+    kernel tap at all four positions, so that a mask follows the image's regions (as the
+    random encoder's features do: boxes differ), and the last layer of each hypernetwork
+    head is scaled by ``gain`` (logits of a few units: stability scores spread over
+    [0, 1]). Same architecture and FLOPs; the weights stay random."""
+    up = model.mask_decoder.output_upscaling
+    for conv in (up[0], up[3]):
+        conv.weight.copy_(conv.weight[:, :, :1, :1].expand_as(conv.weight))
+    for mlp in model.mask_decoder.output_hypernetworks_mlps:
+        mlp.layers[-1].weight.mul_(gain)
+    return model
 
 
 def registry() -> dict[str, Callable[..., torch.nn.Module]]:
@@ -155,6 +185,7 @@ def load_sam(
 
 
 PRECISIONS = ("fp32", "bf16")
+IMPLEMENTATIONS = ("fast", "fast-compiled", "library")
 # The networks of each generator's model that run in bf16 with precision "bf16".
 _BF16_MODULES = ("image_encoder", "mask_decoder", "sam_mask_decoder")
 
@@ -182,6 +213,59 @@ def run_in_bf16(module: torch.nn.Module, device_type: str) -> None:
     module.forward = bf16_forward
 
 
+def compile_module(module: torch.nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` ``module``'s forward in place (static shapes; hooks and wrappers put
+    on ``module`` later stay outside the compiled code)."""
+    module.forward = torch.compile(module.forward, backend=backend, dynamic=False)
+
+
+def sam_generator(
+    model: torch.nn.Module,
+    settings: SamSettings,
+    *,
+    precision: str = "fp32",
+    implementation: str = "fast",
+    compile_backend: str = "inductor",
+) -> Callable[[np.ndarray], Proposals]:
+    """``image -> Proposals`` for a SAM ``model`` (which this sets up in place: bf16
+    autocast, fused attention, compilation, as asked) and generator ``settings``.
+
+    ``implementation``: see the module docstring. ``min_mask_region_area > 0`` needs
+    OpenCV's hole filling on the host, which only the library's generator does: with it
+    every implementation is the library's. ``compile_backend``: the ``torch.compile``
+    backend of ``fast-compiled`` (tests use ``eager``: graph capture without code
+    generation)."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from semires.proposals.sam_fast import FastMaskGenerator, use_sdpa
+
+    AutomaticMaskBackend.check_precision(precision)
+    check_implementation(implementation)
+    device_type = next(model.parameters()).device.type
+    library = implementation == "library" or settings.min_mask_region_area > 0
+    if not library and precision == "bf16":
+        use_sdpa(model.image_encoder)
+    if implementation == "fast-compiled":  # the decoder too: its time is mostly elementwise traffic
+        compile_module(model.image_encoder, compile_backend)
+        compile_module(model.mask_decoder, compile_backend)
+    if precision == "bf16":
+        for name in _BF16_MODULES:
+            if isinstance(getattr(model, name, None), torch.nn.Module):
+                run_in_bf16(getattr(model, name), device_type)
+    if library:
+        generator = SamAutomaticMaskGenerator(model, output_mode="binary_mask", **asdict(settings))
+        return lambda image: records_to_proposals(generator.generate(image), image.shape[:2])
+    return FastMaskGenerator(model, settings)
+
+
+def check_implementation(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise SemiresError(
+            f"proposals.sam_implementation = {implementation!r}: expected one of {', '.join(IMPLEMENTATIONS)}"
+        )
+    return implementation
+
+
 class AutomaticMaskBackend:
     """A backend around an automatic mask generator (SAM's or SAM 2's): one ``generate``
     call per image, counted in ``calls``.
@@ -198,6 +282,9 @@ class AutomaticMaskBackend:
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> Proposals:
         self.calls += 1
+        return self._propose(image)
+
+    def _propose(self, image: np.ndarray) -> Proposals:
         return records_to_proposals(self.generator.generate(image), image.shape[:2])
 
     @staticmethod
@@ -216,7 +303,9 @@ class AutomaticMaskBackend:
 
 
 class SamBackend(AutomaticMaskBackend):
-    """``SamAutomaticMaskGenerator`` over a checked checkpoint, on ``device``."""
+    """SAM's automatic mask generation over a checked checkpoint, on ``device``:
+    ``implementation`` ``fast`` (default), ``fast-compiled`` or ``library`` (see the module
+    docstring)."""
 
     name = NAME
 
@@ -228,21 +317,25 @@ class SamBackend(AutomaticMaskBackend):
         device: torch.device | str = "cpu",
         builders: Mapping[str, Callable[..., torch.nn.Module]] | None = None,
         precision: str = "fp32",
+        implementation: str = "fast",
     ) -> None:
-        from segment_anything import SamAutomaticMaskGenerator
-
         self.precision = self.check_precision(precision)
+        self.implementation = check_implementation(implementation)
         self.model_type = model_type
         self.checkpoint = Path(checkpoint)
         self.settings = settings or SamSettings()
         model = load_sam(model_type, self.checkpoint, builders).to(device)
-        self._apply_precision(model, device)
         self.sha256 = file_sha256(self.checkpoint)
-        self.generator = SamAutomaticMaskGenerator(model, output_mode="binary_mask", **asdict(self.settings))
+        self.generate = sam_generator(
+            model, self.settings, precision=precision, implementation=implementation
+        )
         self.calls = 0
 
+    def _propose(self, image: np.ndarray) -> Proposals:
+        return self.generate(image)
+
     def config(self) -> dict[str, Any]:
-        return {
+        cfg = {
             "backend": NAME,
             "description": "segment-anything SamAutomaticMaskGenerator",
             "model_type": self.model_type,
@@ -250,6 +343,14 @@ class SamBackend(AutomaticMaskBackend):
             "precision": self.precision,
             "settings": dict(sorted(asdict(self.settings).items())),
         }
+        if self.precision != "fp32" or self.implementation == "fast-compiled":
+            cfg["implementation"] = self.effective_implementation  # the masks depend on it
+        return cfg
+
+    @property
+    def effective_implementation(self) -> str:
+        """``implementation``, or ``library`` where the settings need the library's generator."""
+        return "library" if self.settings.min_mask_region_area > 0 else self.implementation
 
 
 def records_to_proposals(records: list[dict[str, Any]], size: tuple[int, int]) -> Proposals:
