@@ -54,7 +54,8 @@ def evaluate_args(root, checkpoint):
     return [
         "evaluate", "--checkpoint", str(checkpoint), "--name", "burn_in/50",
         "--anns", str(root / "anns.json"),
-        "--metrics", str(root / "eval" / "metrics.json"), "--results", str(root / "eval" / "results.jsonl"),
+        "--metrics", str(root / "eval" / "metrics.json"), "--scores", str(root / "eval" / "scores.json"),
+        "--results", str(root / "eval" / "results.jsonl"),
         "--params", str(root / "params.yaml"),
     ]  # fmt: skip
 
@@ -72,13 +73,18 @@ def test_burn_in_then_evaluate(project):
 
     res = runner.invoke(app, evaluate_args(root, root / "burn_in" / "model.pt"))
     assert res.exit_code == 0, res.output
-    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    scores = json.loads((root / "eval" / "scores.json").read_text())
     splits = [s for s in anns.splits() if s != "train"]
-    assert list(metrics) == ["burn_in/50"] and list(metrics["burn_in/50"]) == splits
-    assert {"oIoU", "mIoU", "prec@0.5", "prec@0.9"} <= set(metrics["burn_in/50"][splits[0]])
+    assert scores["model"] == "burn_in/50" and scores["step"] == 4
+    assert list(scores["networks"]) == ["model"] and list(scores["networks"]["model"]) == splits
+    val = scores["networks"]["model"]["val"]
+    assert {"oIoU", "mIoU", "prec@0.5", "prec@0.9", "count"} <= set(val)
+    # The headline `dvc metrics show` prints: val oIoU and mIoU, rounded
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics == {"val": {"oIoU": round(val["oIoU"], 2), "mIoU": round(val["mIoU"], 2)}}
     rows = [json.loads(line) for line in (root / "eval" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == sum(len(r.sentences) for r in anns.refs if r.split != "train")
-    assert {"model", "split", "ref_id", "sent_id", "sentence", "I", "U", "IoU"} <= set(rows[0])
+    assert {"model", "network", "split", "ref_id", "sent_id", "sentence", "I", "U", "IoU"} <= set(rows[0])
 
 
 def test_max_epochs_ends_a_small_label_set_early_with_the_lr_at_zero(project):
