@@ -7,8 +7,8 @@ stages in ``stages/`` parse ``params.yaml``, call into it and write the outputs.
 torch and the model code are imported on that first use, not by ``import semires``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: it would bind `semires.annotations` to the
+# __future__ feature, and `from semires import annotations` would return that, not the module.
 from typing import TYPE_CHECKING, Any
 
 from semires.errors import SemiresError
