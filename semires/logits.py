@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BAND_PIXELS = 1 << 22  # output pixels upsampled at once (16 MB of float32)
@@ -61,16 +62,15 @@ def upsampled_bands(
     """``d`` ``h x w`` bilinearly resized to ``size`` ``(H, W)``, as ``(first row, rows x W)``
     bands of at most ``band_pixels`` values, top to bottom, on ``d``'s device."""
     h_out, w_out = size
-    h_in, w_in = d.shape
     d = d.float()
-    y0, y1, wy = _axis(h_in, h_out, d.device)
-    x0, x1, wx = _axis(w_in, w_out, d.device)
+    y0, y1, wy = _axis(d.shape[0], h_out, d.device)
     step = max(1, band_pixels // max(1, w_out))
     for top in range(0, h_out, step):
         rows = slice(top, min(h_out, top + step))
         a = wy[rows, None]
-        by_row = d[y0[rows]] * (1 - a) + d[y1[rows]] * a  # rows x w_in
-        yield top, by_row[:, x0] * (1 - wx) + by_row[:, x1] * wx
+        by_row = d[y0[rows]] * (1 - a) + d[y1[rows]] * a  # rows x w: the rows' source lines blended
+        # then along each row, by the kernel F.interpolate uses for that axis
+        yield top, F.interpolate(by_row[None], size=w_out, mode="linear", align_corners=False)[0]
 
 
 def foreground(d: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -102,7 +102,7 @@ def summarize(d: torch.Tensor, size: tuple[int, int]) -> MaskSummary:
     row_hits: list[torch.Tensor] = []
     for top, band in upsampled_bands(d, size):
         m = band > 0
-        prob_sum += torch.sigmoid(band[m]).sum(dtype=torch.float64)
+        prob_sum += (torch.sigmoid(band) * m).sum(dtype=torch.float64)
         cols |= m.any(0)
         row_hits.append(m.any(1))
         mask[top : top + band.shape[0]] = m.cpu().numpy()
