@@ -88,7 +88,7 @@ def read_rgb(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> tuple[
         raise SemiresError(f"{path}: cannot read image ({e.strerror}); check dataset.image_dir") from e
     if not data:
         raise SemiresError(f"{path}: empty file (0 bytes), not an image; {_DATASET_FIX}")
-    with _decoding(path, _DATASET_FIX), _open(io.BytesIO(data), path, max_pixels, _DATASET_FIX) as im:
+    with _decoding(path, _DATASET_FIX), _open(io.BytesIO(data), path, max_pixels) as im:
         return to_rgb(im), data
 
 
@@ -120,8 +120,8 @@ def read_image(
     except OSError as e:
         raise SemiresError(f"{path}: cannot read image ({e.strerror}); check the path") from e
     if size == 0:
-        raise SemiresError(f"{path}: empty file (0 bytes), not an image; {fix}")
-    with _decoding(path, fix), _open(path, path, max_pixels, fix) as im:
+        raise SemiresError(f"{path}: empty file (0 bytes), not an image; replace the file")
+    with _decoding(path, fix), _open(path, path, max_pixels) as im:
         return _decode(im, max_side, exif)
 
 
@@ -203,7 +203,7 @@ def _decoding(name: str | os.PathLike, fix: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _open(fp, name: str | os.PathLike, max_pixels: int, fix: str) -> Iterator[Image.Image]:
+def _open(fp, name: str | os.PathLike, max_pixels: int) -> Iterator[Image.Image]:
     """``Image.open`` with our pixel limit in place of Pillow's (so that a caller can raise it),
     checked on the header before anything is decoded."""
     with _pillow_limit, warnings.catch_warnings():

@@ -194,9 +194,8 @@ def predict(
                 done += 1
                 bar.update()
         except SemiresError as e:
-            raise SemiresError(
-                f"{requests[done].where}: {e} ({done} earlier request(s) written to {out})"
-            ) from e
+            kept = f" ({done} earlier request(s) written to {out})" if done else ""
+            raise SemiresError(f"{requests[done].where}: {e}{kept}") from e
         finally:
             bar.close()
     seconds = time.perf_counter() - start
