@@ -51,6 +51,9 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _DATASET_FIX = "replace the file and rerun"
+_USER_TOO_BIG = (
+    "downscale it, or if you trust the file raise the limit (semires predict --max-pixels, max_pixels=)"
+)
 _pillow_limit = threading.Lock()
 
 
@@ -88,7 +91,7 @@ def read_rgb(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> tuple[
         raise SemiresError(f"{path}: cannot read image ({e.strerror}); check dataset.image_dir") from e
     if not data:
         raise SemiresError(f"{path}: empty file (0 bytes), not an image; {_DATASET_FIX}")
-    with _decoding(path, _DATASET_FIX), _open(io.BytesIO(data), path, max_pixels) as im:
+    with _decoding(path, _DATASET_FIX), _open(io.BytesIO(data), path, max_pixels, _DATASET_FIX) as im:
         return to_rgb(im), data
 
 
@@ -121,7 +124,7 @@ def read_image(
         raise SemiresError(f"{path}: cannot read image ({e.strerror}); check the path") from e
     if size == 0:
         raise SemiresError(f"{path}: empty file (0 bytes), not an image; replace the file")
-    with _decoding(path, fix), _open(path, path, max_pixels) as im:
+    with _decoding(path, fix), _open(path, path, max_pixels, _USER_TOO_BIG) as im:
         return _decode(im, max_side, exif)
 
 
@@ -203,9 +206,9 @@ def _decoding(name: str | os.PathLike, fix: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _open(fp, name: str | os.PathLike, max_pixels: int) -> Iterator[Image.Image]:
+def _open(fp, name: str | os.PathLike, max_pixels: int, too_big: str) -> Iterator[Image.Image]:
     """``Image.open`` with our pixel limit in place of Pillow's (so that a caller can raise it),
-    checked on the header before anything is decoded."""
+    checked on the header before anything is decoded; ``too_big`` says what to do above it."""
     with _pillow_limit, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -218,7 +221,6 @@ def _open(fp, name: str | os.PathLike, max_pixels: int) -> Iterator[Image.Image]
         if w * h > max_pixels:
             raise SemiresError(
                 f"{name}: image of {w}x{h} = {w * h / 1e6:.0f} M pixels, above the limit of "
-                f"{max_pixels / 1e6:.0f} M that guards against decompression bombs; downscale it, or if "
-                "you trust the file raise the limit (semires predict --max-pixels)"
+                f"{max_pixels / 1e6:.0f} M that guards against decompression bombs; {too_big}"
             )
         yield im
