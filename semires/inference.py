@@ -166,6 +166,7 @@ class Segmenter:
                         break
             if keys:
                 yield from self._run([cache[k] for k in keys], sentences[start : start + len(keys)], pictures)
+                cache = {k: (d, t, 0.0) for k, (d, t, _) in cache.items()}  # decoded: no time left to count
             if failure is not None:
                 raise failure
 
