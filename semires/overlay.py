@@ -1,4 +1,9 @@
-"""A picture of a prediction: the image, the mask tinted over it and outlined, the sentence as caption."""
+"""A picture of a prediction: the image, the mask tinted over it and outlined, the sentence as caption.
+
+The tint must show on any object, so it is the one of :data:`TINTS` farthest from the masked
+pixels' mean colour (a red tint on a red shape would vanish), and the rest of the image is
+dimmed.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-TINT = (255, 40, 40)
-ALPHA = 0.5
+TINTS = ((0, 255, 255), (255, 0, 255), (255, 255, 0), (255, 64, 0))  # cyan, magenta, yellow, orange
+ALPHA = 0.5  # tint strength inside the mask
+DIM = 0.55  # brightness outside it
 MIN_SIDE = 320  # smaller images are enlarged (nearest) by a whole factor to at least this
 
 
@@ -35,10 +41,16 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     return lines or [""]
 
 
+def tint_for(colour: np.ndarray) -> tuple[int, int, int]:
+    """The tint of :data:`TINTS` farthest from ``colour`` (RGB)."""
+    return max(TINTS, key=lambda t: float(np.sum((np.asarray(t, np.float32) - colour) ** 2)))
+
+
 def draw_overlay(image: np.ndarray, mask: np.ndarray, caption: str) -> Image.Image:
-    """``image`` ``H x W x 3`` uint8 with ``mask`` ``H x W`` bool tinted red and outlined in
-    white, and ``caption`` wrapped in a white strip below; enlarged by a whole factor when the
-    longer side is under :data:`MIN_SIDE`."""
+    """``image`` ``H x W x 3`` uint8, dimmed, with ``mask`` ``H x W`` bool tinted (see
+    :func:`tint_for`) and outlined in white, and ``caption`` wrapped in a white strip below
+    (marked when the mask is empty); enlarged by a whole factor when the longer side is under
+    :data:`MIN_SIDE`."""
     if image.shape[:2] != mask.shape:
         raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
     factor = max(1, math.ceil(MIN_SIDE / max(image.shape[:2])))
@@ -47,8 +59,13 @@ def draw_overlay(image: np.ndarray, mask: np.ndarray, caption: str) -> Image.Ima
         mask = mask.repeat(factor, 0).repeat(factor, 1)
     h, w = mask.shape
     out = image.astype(np.float32)
-    out[mask] = out[mask] * (1 - ALPHA) + np.asarray(TINT, np.float32) * ALPHA
+    inside = out[mask]
+    tint = np.asarray(tint_for(inside.mean(0) if len(inside) else out.reshape(-1, 3).mean(0)), np.float32)
+    out *= DIM
+    out[mask] = inside * (1 - ALPHA) + tint * ALPHA
     out[outline(mask, max(1, min(h, w) // 240))] = 255
+    if not mask.any():
+        caption = f"{caption} (empty mask)"
     font_px = int(np.clip(w / 26, 12, 40))
     font = ImageFont.load_default(size=font_px)
     pad = max(4, font_px // 3)

@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from semires.model.build import prepare, preset
+from semires.overlay import DIM, draw_overlay, tint_for
 from semires.train import save_checkpoint
 from stages.cli import app
 
@@ -201,3 +202,17 @@ def test_readme_example_runs_as_written(setup, tmp_path, monkeypatch):
     h, w = image_size(root / "images" / refs[0].file_name)
     assert names["mask"].shape == (h, w) and names["mask"].dtype == bool
     assert [m.shape for m in names["masks"]] == [(h, w)] * 2
+
+
+def test_overlay_tint_shows_on_any_object():
+    red = np.zeros((40, 40, 3), np.uint8)
+    red[..., 0] = 220
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:30] = True
+    picture = np.asarray(draw_overlay(red, mask, "the red square"))
+    assert picture.shape[1] == 320 and picture.shape[0] > 320  # enlarged 8x, caption strip below
+    inside, outside = picture[160, 160], picture[20, 20]
+    assert tint_for(np.array([220.0, 0, 0])) == (0, 255, 255)  # cyan on red
+    assert inside[1] > 100 and inside[2] > 100  # the tint shows on the red square
+    assert tuple(outside) == (round(220 * DIM), 0, 0)  # the rest dimmed
+    assert tuple(picture[80, 120]) == (255, 255, 255)  # the outline
