@@ -166,11 +166,13 @@ def predict(
         )
     if batch_size < 1:
         raise SemiresError(f"--batch-size {batch_size}: expected at least 1")
+    if out.exists() and not out.is_dir():
+        raise SemiresError(f"--out {out}: a file, not a folder; give a folder for the outputs")
     requests = read_batch(batch) if batch is not None else from_options(images or [], texts or [])
     check_images(requests)
     start = time.perf_counter()
     segmenter = load_model(model, weights=weights)
-    log("predict", f"{len(requests)} request(s) with {segmenter} ")
+    log("predict", f"{len(requests)} request(s) with {segmenter}")
     out.mkdir(parents=True, exist_ok=True)
     done = 0
     with (out / PREDICTIONS).open("w", encoding="utf-8") as lines:

@@ -163,14 +163,11 @@ def test_requests_before_a_corrupt_image_keep_their_outputs(setup, tmp_path):
         ("model.pt", [], "nothing to predict: give --image and --text"),
         ("model.pt", ["--image", "{img}", "--text", "a", "--batch", "r.jsonl"], "pairs or --batch, not both"),
         ("junk.pt", ["--image", "{img}", "--text", "a"], "junk.pt: not a readable checkpoint"),
-        (
-            "model.pt",
-            ["--image", "{img}", "--text", "a", "--weights", "ema"],
-            "weights 'ema': expected teacher",
-        ),
+        ("model.pt", ["--image", "{img}", "--text", "a", "--weights", "ema"], "weights 'ema': expected"),
+        ("model.pt", ["--image", "{img}", "--text", "a", "--out", "{img}"], "a file, not a folder"),
     ],
-    ids=["unpaired", "empty text", "nothing", "both", "not a model", "weights"],
-)
+    ids=["unpaired", "empty text", "nothing", "both", "not a model", "weights", "out is a file"],
+)  # fmt: skip
 def test_bad_command_lines_are_one_clear_line(setup, tmp_path, model, args, says):
     root, refs = setup
     (tmp_path / "junk.pt").write_text("weights? no")
