@@ -112,7 +112,7 @@ def read_image(
     fix = "check the path, or convert the image to PNG or JPEG"
     if isinstance(source, Image.Image):
         with _decoding(_describe(source), fix):
-            return _decode(source, max_side, exif)
+            return _decode(source, max_side, exif, draft=False)  # draft would change the caller's image
     path = Path(source)
     if path.is_dir():
         raise SemiresError(f"{path}: a folder, not an image; pass an image file")
@@ -170,11 +170,11 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def _decode(im: Image.Image, max_side: int | None, exif: bool) -> DecodedImage:
+def _decode(im: Image.Image, max_side: int | None, exif: bool, *, draft: bool = True) -> DecodedImage:
     orientation = _orientation(im) if exif else 1
     size = displayed_size(im) if exif else (im.height, im.width)
     if max_side is not None and max(im.size) >= 2 * max_side:
-        if im.format == "JPEG":  # no effect on an image already decoded
+        if draft and im.format == "JPEG":  # no effect on an image already decoded
             longer = max(im.size)
             im.draft(im.mode, tuple(-(-s * max_side // longer) for s in im.size))  # 1/2, 1/4 or 1/8
         factor = max(im.size) // max_side

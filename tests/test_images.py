@@ -219,3 +219,11 @@ def test_a_pil_image_in_memory(tmp_path):
     im = Image.fromarray(picture()).convert("LA")
     decoded = read_image(im)
     assert decoded.size == (24, 36) and decoded.rgb.shape == (24, 36, 3)
+
+
+def test_a_large_pil_image_is_reduced_without_changing_the_callers_image(tmp_path):
+    Image.fromarray(picture(600, 2100)).save(tmp_path / "wide.jpg")
+    with Image.open(tmp_path / "wide.jpg") as im:
+        decoded = read_image(im, max_side=1000)
+        assert im.size == (2100, 600)  # not drafted in place
+        assert decoded.size == (600, 2100) and decoded.rgb.shape == (300, 1050, 3)
