@@ -15,6 +15,7 @@ requests before it keep their outputs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -101,9 +102,18 @@ def output_stem(k: int, total: int, image: Path) -> str:
     return f"{k:0{max(4, len(str(total)))}d}-{name}"
 
 
-def save_png(path: Path, image: Image.Image) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_png(path: Path, image: Image.Image, mode: int = 0o666) -> None:
+    """``image`` as a PNG at ``path``, atomically, readable as any new file (the temporary
+    file starts private)."""
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+        tmp.chmod(mode & ~_umask())
 
 
 def record(r: Request, p: Prediction, stem: str) -> dict[str, Any]:

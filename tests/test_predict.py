@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -76,6 +77,10 @@ def test_image_text_pairs(setup, tmp_path):
             assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
             assert 0.5 < row["mean_probability"] <= 1
         assert row["seconds"] > 0
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in (row["mask"], row["overlay"]):  # as readable as any new file, not private
+            assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~umask
         ov_h, ov_w = image_size(tmp_path / "out" / row["overlay"])
         assert ov_w >= 320 and ov_h > ov_w * row["height"] / row["width"]  # enlarged, with a caption below
     assert "2 request(s) in" in out
