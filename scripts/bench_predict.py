@@ -36,6 +36,8 @@ import torch
 from PIL import Image
 
 from semires.inference import Segmenter, load_model
+from semires.overlay import draw_overlay
+from stages.predict import OVERLAY_COMPRESSION, Request, output_stem, record, save_png
 
 SENTENCES = ["the red circle on the left", "the small blue square", "the lowest shape", "the green diamond"]
 
@@ -137,9 +139,6 @@ def main(argv: list[str] | None = None) -> int:
                 pass
 
         def predict() -> None:
-            from stages.predict import Request, output_stem, record, save_png
-            from semires.overlay import draw_overlay
-
             out = folder / "out"
             out.mkdir(exist_ok=True)
             preds = model.segment(paths, sentences, batch_size=args.batch_size, pictures=True)
@@ -147,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 for k, (path, text, pred) in enumerate(zip(paths, sentences, preds, strict=True), 1):
                     stem = output_stem(k, len(paths), path)
                     save_png(out / f"{stem}.mask.png", Image.fromarray(pred.mask.astype(np.uint8) * 255))
-                    save_png(out / f"{stem}.overlay.png", draw_overlay(pred.picture, pred.picture_mask, text))
+                    overlay = draw_overlay(pred.picture, pred.picture_mask, text)
+                    save_png(out / f"{stem}.overlay.png", overlay, compress_level=OVERLAY_COMPRESSION)
                     req = Request(path, text, {"image": str(path), "text": text}, "")
                     lines.write(json.dumps(record(req, pred, stem)) + "\n")
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, r in rows:
             print(f"  {name:<46} {r:8.1f} images/s")
-        if args.huge:
+        if args.huge != "0":
             w, h = (int(v) for v in args.huge.split("x"))
             huge = folder / "huge.jpg"
             code = (
@@ -172,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             (pred,) = model.segment([huge], [SENTENCES[0]], pictures=True)
             seconds = time.perf_counter() - t0
             print(
-                f"  {w}x{h} JPEG ({w * h * 3 / 2**20:.0f} MB as RGB): {seconds:.2f} s, mask {pred.mask.shape}, "
-                f"overlay picture {pred.picture.shape[:2]}; peak memory {before:.0f} MB -> {peak_mb():.0f} MB"
+                f"  {w}x{h} JPEG ({w * h * 3 / 2**20:.0f} MB as RGB): {seconds:.2f} s, "
+                f"mask {pred.mask.shape}, overlay picture {pred.picture.shape[:2]}; "
+                f"peak memory {before:.0f} MB -> {peak_mb():.0f} MB"
             )
     return 0
 

@@ -35,6 +35,8 @@ from stages.common import log, stage_command
 
 PREDICTIONS = "predictions.jsonl"
 PROGRESS_MIN = 32  # requests from which a progress bar is shown (on a terminal)
+# zlib level of the overlays: a photo compresses little, and level 6 took 2.4x level 1's time for 30 % less
+OVERLAY_COMPRESSION = 1
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,11 @@ def _umask() -> int:
     return mask
 
 
-def save_png(path: Path, image: Image.Image, mode: int = 0o666) -> None:
+def save_png(path: Path, image: Image.Image, *, compress_level: int = 6, mode: int = 0o666) -> None:
     """``image`` as a PNG at ``path``, atomically, readable as any new file (the temporary
     file starts private)."""
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", compress_level=compress_level)
         tmp.chmod(mode & ~_umask())
 
 
@@ -200,7 +202,8 @@ def predict(
             for r, p in zip(requests, predictions, strict=False):
                 stem = output_stem(done + 1, len(requests), r.image)
                 save_png(out / f"{stem}.mask.png", Image.fromarray(p.mask.astype("uint8") * 255))
-                save_png(out / f"{stem}.overlay.png", draw_overlay(p.picture, p.picture_mask, r.text))
+                overlay = draw_overlay(p.picture, p.picture_mask, r.text)
+                save_png(out / f"{stem}.overlay.png", overlay, compress_level=OVERLAY_COMPRESSION)
                 lines.write(json.dumps(record(r, p, stem)) + "\n")
                 lines.flush()
                 done += 1
