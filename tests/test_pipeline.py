@@ -131,8 +131,9 @@ def metrics_table(repo: Path) -> dict[str, dict[str, float]]:
     return {path: _flatten(m["data"]) for path, m in shown[""]["data"].items()}
 
 
-def test_metrics_show_is_one_readable_row_per_model(project):
-    """The headline only: a row per evaluated model, a handful of columns, a terminal's width."""
+def test_metrics_and_plots_show(project):
+    """`dvc metrics show`: the headline only, a row per evaluated model, a handful of columns,
+    a terminal's width; `dvc plots show`: the training and pseudo-label curves."""
     table = metrics_table(project)
     evaluated = {s for s in stage_names(project) if s.startswith(("evaluate@", "evaluate_semi@"))}
     assert len(table) == len(evaluated) and all(p.startswith("data/eval/") for p in table)
@@ -141,6 +142,13 @@ def test_metrics_show_is_one_readable_row_per_model(project):
     assert set(table["data/eval/train_semi/supervised/10/metrics.json"]) == {"val.oIoU", "val.mIoU"}
     text = _sh(project, "dvc", "metrics", "show")
     assert max(map(len, text.splitlines())) <= 160, text
+    # `dvc plots show` still draws the training curves and the pseudo-label quality
+    plots = set(json.loads(_sh(project, "dvc", "plots", "show", "--json"))["data"])
+    assert {
+        "data/burn_in/10/dvclive/plots/metrics/train/loss.tsv",
+        "data/train_semi/cpi_pwa/10/dvclive/plots/metrics/val/mIoU.tsv",
+        "data/train_semi/cpi_pwa/10/dvclive/plots/metrics/pseudo/refined_mIoU.tsv",
+    } <= plots, sorted(plots)
 
 
 def test_changing_split_reruns_split_and_later_only(project):
