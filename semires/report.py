@@ -33,6 +33,7 @@ CONTROL = "supervised"
 BURN_IN = "burn_in"
 TRAIN_SEMI = "train_semi"
 PSEUDO = "pseudo_labels"
+SCORES = "scores.json"  # the evaluate stage's full detail, per model folder
 METHOD_ORDER = ("iom", "iom_pwa", "cpi", "cpi_pwa", "raw", "raw_pwa")
 SPLIT_ORDER = ("val", "testA", "testB")
 PHASES = ("start", "end")
@@ -87,15 +88,18 @@ def parse_model(name: str) -> Key | None:
 class Results:
     """Evaluation metrics and pseudo-label quality of every trained model found.
 
-    ``evals``: (model, method, fraction) -> split -> metric -> value (percent, count).
+    ``evals``: (model, method, fraction) -> split -> metric -> value (percent, count): the
+    model's teacher when it has one (what the method delivers), else its only network.
+    ``students``: the same for the students of teacher-student runs.
     ``quality``: (method, fraction) -> phase (start, end) -> metric -> value.
     """
 
     evals: dict[Key, dict[str, dict[str, float]]] = field(default_factory=dict)
     quality: dict[tuple[str, float], dict[str, dict[str, float]]] = field(default_factory=dict)
+    students: dict[Key, dict[str, dict[str, float]]] = field(default_factory=dict)
 
-    def value(self, key: Key, split: str, metric: str) -> float | None:
-        v = self.evals.get(key, {}).get(split, {}).get(metric)
+    def value(self, key: Key, split: str, metric: str, *, student: bool = False) -> float | None:
+        v = (self.students if student else self.evals).get(key, {}).get(split, {}).get(metric)
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
     def fractions(self) -> list[float]:
@@ -122,73 +126,92 @@ def split_sort_key(s: str) -> tuple[int, str]:
     return (SPLIT_ORDER.index(s), s) if s in SPLIT_ORDER else (len(SPLIT_ORDER), s)
 
 
-def load_eval_metrics(root: Path) -> dict[Key, dict[str, dict[str, float]]]:
-    """Every ``<root>/**/metrics.json`` of the evaluate stage; at least one must exist."""
-    files = sorted(root.rglob("metrics.json")) if root.is_dir() else []
+def _scores(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(m, dict) and all(_number(x) for x in m.values()) for m in v.values()
+    )
+
+
+def load_eval_metrics(
+    root: Path,
+) -> tuple[dict[Key, dict[str, dict[str, float]]], dict[Key, dict[str, dict[str, float]]]]:
+    """Every ``<root>/**/scores.json`` of the evaluate stage (at least one must exist):
+    ``(evals, students)`` as :class:`Results` holds them."""
+    files = sorted(root.rglob(SCORES)) if root.is_dir() else []
     if not files:
         raise SemiresError(
-            f"{root}: no evaluation metrics (metrics.json) found; train and evaluate a model first "
+            f"{root}: no evaluation scores ({SCORES}) found; train and evaluate a model first "
             "(`dvc repro`, or `semires burn-in` then `semires evaluate`)"
         )
     fix = "rerun the evaluate stage that writes it (`dvc repro` recomputes a changed output)"
-    out: dict[Key, dict[str, dict[str, float]]] = {}
+    evals: dict[Key, dict[str, dict[str, float]]] = {}
+    students: dict[Key, dict[str, dict[str, float]]] = {}
     seen: dict[Key, Path] = {}
     for path in files:
         obj = read_json(path, fix)
-        if not isinstance(obj, dict) or not obj:
+        if not isinstance(obj, dict) or not isinstance(obj.get("model"), str) or "networks" not in obj:
             raise SemiresError(
-                f"{path}: not a metrics file of `semires evaluate` (expected {{model: ...}}); {fix}"
+                f"{path}: not a scores file of `semires evaluate` (expected {{model, networks, ...}}); {fix}"
             )
-        for name, per_split in obj.items():
-            key = parse_model(name)
-            if key is None:
-                raise SemiresError(
-                    f"{path}: model {name!r} is neither burn_in/<percent> nor "
-                    f"train_semi/<method>/<percent>; {fix}"
-                )
-            if key in seen:
-                raise SemiresError(f"{path}: model {name!r} is also in {seen[key]}; delete the stale one")
-            if not isinstance(per_split, dict) or not all(
-                isinstance(m, dict) and all(_number(v) for v in m.values()) for m in per_split.values()
-            ):
-                raise SemiresError(
-                    f"{path}: {name}: expected {{split: {{metric: number}}}} (oIoU, mIoU, ...); {fix}"
-                )
-            seen[key] = path
-            out[key] = {s: {k: v for k, v in m.items()} for s, m in per_split.items()}
-    return out
+        name, networks = obj["model"], obj["networks"]
+        key = parse_model(name)
+        if key is None:
+            raise SemiresError(
+                f"{path}: model {name!r} is neither burn_in/<percent> nor "
+                f"train_semi/<method>/<percent>; {fix}"
+            )
+        if key in seen:
+            raise SemiresError(f"{path}: model {name!r} is also in {seen[key]}; delete the stale one")
+        ok = isinstance(networks, dict) and set(networks) in ({"teacher", "student"}, {"model"})
+        if not ok or not all(map(_scores, networks.values())):
+            raise SemiresError(
+                f"{path}: {name}: expected networks {{teacher, student}} or {{model}}, each "
+                f"{{split: {{metric: number}}}} (oIoU, mIoU, ...); {fix}"
+            )
+        seen[key] = path
+        evals[key] = {sp: dict(m) for sp, m in networks.get("teacher", networks.get("model", {})).items()}
+        if "student" in networks:
+            students[key] = {sp: dict(m) for sp, m in networks["student"].items()}
+    return evals, students
+
+
+def read_quality(path: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """One ``pseudo_labels.json`` of train_semi: ``<method>/<percent> -> phase (start, end) ->
+    metric -> value``; the control's has no phases."""
+    fix = "rerun the train_semi stage that writes it (`dvc repro`)"
+    obj = read_json(path, fix)
+    if not isinstance(obj, dict):
+        raise SemiresError(
+            f"{path}: not a pseudo-label quality file (expected {{method/percent: ...}}); {fix}"
+        )
+    for name, phases in obj.items():
+        ok = isinstance(phases, dict) and all(
+            p in PHASES and isinstance(m, dict) and all(_number(v) for v in m.values())
+            for p, m in phases.items()
+        )
+        if parse_model(f"{TRAIN_SEMI}/{name}") is None or not ok:
+            raise SemiresError(
+                f"{path}: {name!r}: expected {{<method>/<percent>: {{start: {{metric: number}}, "
+                f"end: ...}}}}; {fix}"
+            )
+    return obj
 
 
 def load_quality(root: Path) -> dict[tuple[str, float], dict[str, dict[str, float]]]:
     """Every ``<root>/<method>/<percent>/pseudo_labels.json`` of train_semi (none is fine);
     records without a phase (the control's) are left out."""
-    files = sorted(root.rglob("pseudo_labels.json")) if root.is_dir() else []
-    fix = "rerun the train_semi stage that writes it (`dvc repro`)"
     out: dict[tuple[str, float], dict[str, dict[str, float]]] = {}
-    for path in files:
-        obj = read_json(path, fix)
-        if not isinstance(obj, dict):
-            raise SemiresError(
-                f"{path}: not a pseudo-label quality file (expected {{method/percent: ...}}); {fix}"
-            )
-        for name, phases in obj.items():
+    for path in sorted(root.rglob("pseudo_labels.json")) if root.is_dir() else []:
+        for name, phases in read_quality(path).items():
             key = parse_model(f"{TRAIN_SEMI}/{name}")
-            ok = isinstance(phases, dict) and all(
-                p in PHASES and isinstance(m, dict) and all(_number(v) for v in m.values())
-                for p, m in phases.items()
-            )
-            if key is None or not ok:
-                raise SemiresError(
-                    f"{path}: {name!r}: expected {{<method>/<percent>: {{start: {{metric: number}}, "
-                    f"end: ...}}}}; {fix}"
-                )
-            if phases:  # the control writes {}: it has no pseudo-labels
+            if phases and key is not None:  # the control writes {}: it has no pseudo-labels
                 out[(key[1], key[2])] = {p: dict(m) for p, m in phases.items()}
     return out
 
 
 def load_results(eval_root: Path, train_semi_root: Path) -> Results:
-    return Results(evals=load_eval_metrics(eval_root), quality=load_quality(train_semi_root))
+    evals, students = load_eval_metrics(eval_root)
+    return Results(evals=evals, quality=load_quality(train_semi_root), students=students)
 
 
 def configured(
@@ -198,12 +221,15 @@ def configured(
     removed from params.yaml on disk, and a stale number must not reach the table."""
     semi = {(m, float(f)) for m in methods for f in fractions}
     keep_b = {float(f) for f in burn_in}
-    evals = {
-        k: v
-        for k, v in r.evals.items()
-        if (k[0] == BURN_IN and k[2] in keep_b) or (k[0] == TRAIN_SEMI and (k[1], k[2]) in semi)
-    }
-    return Results(evals=evals, quality={k: v for k, v in r.quality.items() if k in semi})
+
+    def keep(k: Key) -> bool:
+        return (k[0] == BURN_IN and k[2] in keep_b) or (k[0] == TRAIN_SEMI and (k[1], k[2]) in semi)
+
+    return Results(
+        evals={k: v for k, v in r.evals.items() if keep(k)},
+        quality={k: v for k, v in r.quality.items() if k in semi},
+        students={k: v for k, v in r.students.items() if keep(k)},
+    )
 
 
 # --- tables ---------------------------------------------------------------------------------
@@ -242,12 +268,18 @@ def results_markdown(r: Results) -> str:
     fracs, methods, splits = r.fractions(), r.methods(), r.splits()
     has_control = any(k[0] == TRAIN_SEMI and k[1] == CONTROL for k in r.evals)
     models = ["burn-in", *(["control"] if has_control else []), *methods]
-    header = ["labeled", *models, "100 % labels"]
+    with_students = {k[1] for k in r.students}
+    columns = [c for m in models for c in ([m, f"{m} (student)"] if m in with_students else [m])]
+    header = ["labeled", *columns, "100 % labels"]
 
     def key(name: str, f: float) -> Key:
         if name == "burn-in":
             return (BURN_IN, BURN_IN, f)
         return (TRAIN_SEMI, CONTROL if name == "control" else name, f)
+
+    def cell(column: str, f: float, split: str, metric: str) -> float | None:
+        name, student = column.removesuffix(" (student)"), column.endswith(" (student)")
+        return r.value(key(name, f), split, metric, student=student)
 
     lines = [
         "# Results",
@@ -257,7 +289,9 @@ def results_markdown(r: Results) -> str:
         "the same steps with labeled data only (train_semi method `supervised`); "
         + (
             ", ".join(f"`{m}`" for m in methods)
-            + ": teacher-student with that refinement (`_pwa`: with pixel-wise adjustment); "
+            + ": teacher-student with that refinement (`_pwa`: with pixel-wise adjustment), "
+            "its EMA teacher (the model the method delivers, as the official code evaluates it) "
+            "with the student beside it; "
             if methods
             else ""
         )
@@ -268,9 +302,7 @@ def results_markdown(r: Results) -> str:
         full = {m: r.value((BURN_IN, BURN_IN, FULL), split, m) for m in ("mIoU", "oIoU")}
         for metric in ("mIoU", "oIoU"):
             rows = [
-                [f"{percent(f)} %"]
-                + [fmt(r.value(key(name, f), split, metric)) for name in models]
-                + [fmt(full[metric])]
+                [f"{percent(f)} %"] + [fmt(cell(c, f, split, metric)) for c in columns] + [fmt(full[metric])]
                 for f in fracs
             ]
             lines += ["", f"## {split}: {metric} (%)", "", *_table(header, rows)]
@@ -360,31 +392,38 @@ def results_markdown(r: Results) -> str:
 
 
 def results_csv(r: Results) -> str:
-    """Long format, every value at full precision: ``model, method, fraction, split, metric,
-    value``. Evaluation rows have model ``burn_in`` (method ``burn_in``) or ``train_semi``;
-    pseudo-label quality rows have model ``pseudo_labels`` and the phase (``start``/``end``)
-    as split. Sorted by model, method, fraction, split, metric."""
-    rows: list[tuple[str, str, float, str, str, float]] = []
+    """Long format, every value at full precision: ``model, method, fraction, network, split,
+    metric, value``. Evaluation rows have model ``burn_in`` (method ``burn_in``) or
+    ``train_semi``, network ``teacher`` / ``student`` (a teacher-student run) or ``model``;
+    pseudo-label quality rows have model ``pseudo_labels``, network ``teacher`` (its labels)
+    and the phase (``start``/``end``) as split. Sorted by model, method, fraction, network,
+    split, metric."""
+    rows: list[tuple[str, str, float, str, str, str, float]] = []
     for (model, method, f), per in r.evals.items():
+        network = "teacher" if (model, method, f) in r.students else "model"
         for split, metrics in per.items():
-            rows += [(model, method, f, split, k, v) for k, v in metrics.items()]
+            rows += [(model, method, f, network, split, k, v) for k, v in metrics.items()]
+    for (model, method, f), per in r.students.items():
+        for split, metrics in per.items():
+            rows += [(model, method, f, "student", split, k, v) for k, v in metrics.items()]
     for (method, f), per in r.quality.items():
         for phase, metrics in per.items():
-            rows += [(PSEUDO, method, f, phase, k, v) for k, v in metrics.items()]
+            rows += [(PSEUDO, method, f, "teacher", phase, k, v) for k, v in metrics.items()]
     rows.sort(
         key=lambda t: (
             t[0],
             method_sort_key(t[1]),
             t[2],
-            PHASES.index(t[3]) if t[0] == PSEUDO else split_sort_key(t[3]),
-            t[4],
+            t[3],
+            PHASES.index(t[4]) if t[0] == PSEUDO else split_sort_key(t[4]),
+            t[5],
         )
     )
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["model", "method", "fraction", "split", "metric", "value"])
-    for model, method, f, split, k, v in rows:
-        w.writerow([model, method, percent(f), split, k, repr(v)])
+    w.writerow(["model", "method", "fraction", "network", "split", "metric", "value"])
+    for model, method, f, network, split, k, v in rows:
+        w.writerow([model, method, percent(f), network, split, k, repr(v)])
     return buf.getvalue()
 
 
@@ -547,6 +586,7 @@ def pseudo_label_examples(
     refine the teacher's labels with the image's proposals as training does."""
     import torch
 
+    from semires.logits import forward
     from semires.refine import refine
     from semires.semi import collate_unlabeled, unlabeled_to_device
 
@@ -557,9 +597,8 @@ def pseudo_label_examples(
     b = unlabeled_to_device(batch, device)
     teacher.to(device).eval()
     student.to(device).eval()
-    with torch.no_grad():
-        prob = teacher(b.weak, b.input_ids, b.attention_mask).float().softmax(dim=1)[:, 1]
-        pred = student(b.weak, b.input_ids, b.attention_mask).float().argmax(dim=1).bool()
+    prob = forward(teacher, b.weak, b.input_ids, b.attention_mask).softmax(dim=1)[:, 1]
+    pred = forward(student, b.weak, b.input_ids, b.attention_mask).argmax(dim=1).bool()
     r = refine(prob, b.proposals, b.valid, refine_cfg)
     out = []
     for k in range(len(indices)):

@@ -31,6 +31,7 @@ from semires import distributed
 from semires.atomic import atomic_path
 from semires.data import ExpressionDataset, Sample, StepSampler
 from semires.errors import SemiresError
+from semires.logits import difference, foreground, forward
 from semires.metrics import intersection_union, iou, summarize
 from semires.model.build import ModelSpec, build_from_spec
 
@@ -176,7 +177,8 @@ def evaluate(
 
     ``resolution="input"`` compares at the model's input size against the ground truth
     resized nearest (LAVT's protocol); ``"original"`` upsamples the logits (bilinear) to each
-    image's own size and compares with the full-resolution mask.
+    image's own size, as prediction does (:func:`semires.logits.foreground`), and compares
+    with the full-resolution mask.
     """
     if resolution not in ("input", "original"):
         raise ValueError(f"resolution must be 'input' or 'original', not {resolution!r}")
@@ -190,16 +192,15 @@ def evaluate(
     try:
         for batch in loader:
             b = to_device(batch, device)
-            with autocast(device):
-                logits = model(b.image, b.input_ids, b.attention_mask).float()
+            logits = forward(model, b.image, b.input_ids, b.attention_mask)
             if resolution == "input":
                 inter, union = intersection_union(logits.argmax(1), b.mask.bool())
             else:
+                d = difference(logits)
                 pairs = []
                 for k, idx in enumerate(batch.index.tolist()):
                     gt = dataset.full_mask(idx).to(device)
-                    up = F.interpolate(logits[k : k + 1], size=gt.shape, mode="bilinear", align_corners=False)
-                    pairs.append(intersection_union(up.argmax(1), gt[None]))
+                    pairs.append(intersection_union(foreground(d[k], tuple(gt.shape))[None], gt[None]))
                 inter = torch.cat([p[0] for p in pairs])
                 union = torch.cat([p[1] for p in pairs])
             inter, union = inter.cpu(), union.cpu()

@@ -7,6 +7,7 @@ import typer
 from stages.burn_in import burn_in
 from stages.evaluate import evaluate
 from stages.extract import extract
+from stages.predict import predict
 from stages.propose import propose
 from stages.report import report
 from stages.split import split
@@ -16,7 +17,8 @@ from stages.train_semi import train_semi_command
 app = typer.Typer(
     name="semires",
     help="Semi-supervised referring expression segmentation with SAM-refined pseudo-labels. "
-    "Each command is one stage of dvc.yaml; `dvc repro` runs them in order.",
+    "Each command but predict is one stage of dvc.yaml; `dvc repro` runs them in order. "
+    "`semires predict` segments your own images with a trained model.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,6 +31,7 @@ app.command("burn-in")(burn_in)
 app.command("train-semi")(train_semi_command)
 app.command("evaluate")(evaluate)
 app.command("report")(report)
+app.command("predict")(predict)
 
 if __name__ == "__main__":
     app()

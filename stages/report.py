@@ -15,16 +15,14 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
 from semires import annotations
 from semires import report as rep
 from semires.atomic import atomic_path
 from semires.errors import SemiresError
-from semires.model.build import build_from_spec
+from semires.inference import STUDENT, TEACHER, load_networks
 from semires.semi import UnlabeledDataset
-from semires.train import load_checkpoint, state_dict_misfit
 from stages.burn_in import read_labeled
 from stages.common import DEFAULT_PARAMS, AnnsOption, ParamsOption, log, stage_command
 from stages.params import DatasetParams, check, section
@@ -134,24 +132,13 @@ def pseudo_label_examples(
     anns_path: Path,
     proposals: Path,
 ) -> list[rep.PseudoLabelExample]:
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.teacher is None:
+    networks = load_networks(checkpoint)
+    if TEACHER not in networks:
         raise SemiresError(
             f"{checkpoint}: not a teacher-student checkpoint (no teacher); rerun train_semi {method} "
             f"at {rep.percent(fraction)} %"
         )
-    nets = []
-    for name, state in (("teacher", ckpt.teacher), ("model", ckpt.model)):
-        net = build_from_spec(ckpt.spec)
-        misfit = state_dict_misfit(net, state)
-        if misfit is not None:
-            raise SemiresError(
-                f"{checkpoint}: {name} weights do not fit the model it describes ({misfit}); "
-                "delete it and rerun train_semi"
-            )
-        net.load_state_dict(state)
-        nets.append(net)
-    teacher, student = nets
+    teacher, student = networks[TEACHER], networks[STUDENT]
     split_path = split_root / f"{rep.percent(fraction)}.json"
     _, labeled_ids = read_labeled(split_path)
     labeled = set(labeled_ids)
@@ -159,9 +146,9 @@ def pseudo_label_examples(
     unl = [r for r in anns.in_split("train") if r.image_id not in labeled and r.sentences]
     if not unl:
         raise SemiresError(f"{split_path}: no unlabeled train images; the pseudo-label figure needs some")
-    spec = ckpt.spec
+    spec = teacher.spec
     data = UnlabeledDataset(
-        unl, dp.image_dir, spec.make_tokenizer(), proposals,
+        unl, dp.image_dir, teacher.tokenizer, proposals,
         image_size=spec.config.image_size, max_tokens=spec.config.max_tokens,
     )  # fmt: skip
     # One expression per image while there are images to spare, in a seeded order.
@@ -180,8 +167,9 @@ def pseudo_label_examples(
             break
         if i not in picks:
             picks.append(i)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return rep.pseudo_label_examples(teacher, student, data, picks, sp.refine_config(method), device=device)
+    return rep.pseudo_label_examples(
+        teacher.network, student.network, data, picks, sp.refine_config(method), device=teacher.device
+    )
 
 
 @stage_command("report")
@@ -190,7 +178,7 @@ def report(
         Path, typer.Option(help="Folder for results.md/.csv, curves.png, pseudo_labels.png.")
     ] = Path("reports"),
     eval_root: Annotated[
-        Path, typer.Option("--eval", help="Where `evaluate` writes <model>/<percent>/metrics.json.")
+        Path, typer.Option("--eval", help="Where `evaluate` writes <model>/<percent>/scores.json.")
     ] = Path("data/eval"),
     burn_in_root: Annotated[
         Path, typer.Option("--burn-in", help="Where `burn-in` writes <percent>/dvclive.")

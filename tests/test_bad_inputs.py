@@ -44,7 +44,8 @@ from .test_faults import (
 def evaluate_args(root: Path, out_dir: Path, params: Path, checkpoint: Path | None = None) -> list:
     return ["evaluate", "--checkpoint", checkpoint or root / "burn_in" / "50" / "model.pt",
             "--name", "burn_in/50", "--anns", root / "anns.json", "--metrics", out_dir / "metrics.json",
-            "--results", out_dir / "results.jsonl", "--params", params]  # fmt: skip
+            "--scores", out_dir / "scores.json", "--results", out_dir / "results.jsonl",
+            "--params", params]  # fmt: skip
 
 
 def extract_args(out_dir: Path, params: Path) -> list:

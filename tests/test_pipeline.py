@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -107,6 +108,49 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert "Data and pipelines are up to date" in again
 
 
+HEADLINE = {
+    "val.oIoU",
+    "val.mIoU",
+    "val.student_oIoU",
+    "val.student_mIoU",
+    "pseudo.raw_mIoU",
+    "pseudo.refined_mIoU",
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        out |= _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def metrics_table(repo: Path) -> dict[str, dict[str, float]]:
+    """`dvc metrics show --json` as {file: {column: value}}."""
+    shown = json.loads(_sh(repo, "dvc", "metrics", "show", "--json"))
+    return {path: _flatten(m["data"]) for path, m in shown[""]["data"].items()}
+
+
+def test_metrics_and_plots_show(project):
+    """`dvc metrics show`: the headline only, a row per evaluated model, a handful of columns,
+    a terminal's width; `dvc plots show`: the training and pseudo-label curves."""
+    table = metrics_table(project)
+    evaluated = {s for s in stage_names(project) if s.startswith(("evaluate@", "evaluate_semi@"))}
+    assert len(table) == len(evaluated) and all(p.startswith("data/eval/") for p in table)
+    assert set().union(*table.values()) <= HEADLINE
+    assert set(table["data/eval/train_semi/cpi_pwa/10/metrics.json"]) == HEADLINE  # teacher, student, pseudo
+    assert set(table["data/eval/train_semi/supervised/10/metrics.json"]) == {"val.oIoU", "val.mIoU"}
+    text = _sh(project, "dvc", "metrics", "show")
+    assert max(map(len, text.splitlines())) <= 160, text
+    # `dvc plots show` still draws the training curves and the pseudo-label quality
+    plots = set(json.loads(_sh(project, "dvc", "plots", "show", "--json"))["data"])
+    assert {
+        "data/burn_in/10/dvclive/plots/metrics/train/loss.tsv",
+        "data/train_semi/cpi_pwa/10/dvclive/plots/metrics/val/mIoU.tsv",
+        "data/train_semi/cpi_pwa/10/dvclive/plots/metrics/pseudo/refined_mIoU.tsv",
+    } <= plots, sorted(plots)
+
+
 def test_changing_split_reruns_split_and_later_only(project):
     _edit_params(project, {"split": {"seed": 1}})
     out = _sh(project, "dvc", "repro")
@@ -117,6 +161,8 @@ def test_changing_split_reruns_split_and_later_only(project):
 
 
 def test_changing_a_semi_param_reruns_teacher_student_training_and_later_only(project):
+    _sh(project, "git", "add", "-A")
+    _sh(project, "git", "commit", "-qm", "results")
     _edit_params(project, {"semi": {"unsup_weight": 0.5}})
     ran = _ran(_sh(project, "dvc", "repro"))
     semi = {s for s in stage_names(project) if s.startswith(("train_semi@", "evaluate_semi@"))}
@@ -125,3 +171,6 @@ def test_changing_a_semi_param_reruns_teacher_student_training_and_later_only(pr
         s for s in ran if s.split("@")[0] in ("synth", "extract", "split", "propose", "burn_in", "evaluate")
     }
     assert not untouched, f"stages that do not read semi.* reran: {sorted(untouched)}"
+    # `dvc metrics diff` shows what moved: the teacher-student rows, nothing upstream
+    moved = json.loads(_sh(project, "dvc", "metrics", "diff", "--json"))
+    assert moved and all(p.startswith("data/eval/train_semi/") for p in moved), moved

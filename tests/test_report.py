@@ -32,11 +32,20 @@ def _split(v: float) -> dict[str, float]:
     return {"oIoU": v + 1, "mIoU": v, "prec@0.5": v / 2, "count": 40}
 
 
-def write_metrics(root, name: str, val: float, test_a: float | None = None) -> None:
-    splits = {"val": _split(val)}
-    if test_a is not None:
-        splits["testA"] = _split(test_a)
-    write_json(root / name / "metrics.json", {name: splits})
+def write_scores(
+    root, name: str, val: float, test_a: float | None = None, student: float | None = None
+) -> None:
+    """The evaluate stage's scores.json; with ``student``, a teacher-student run whose student
+    scores ``student`` points below its teacher."""
+
+    def splits(shift: float) -> dict[str, dict[str, float]]:
+        out = {"val": _split(val - shift)}
+        if test_a is not None:
+            out["testA"] = _split(test_a - shift)
+        return out
+
+    networks = {"model": splits(0)} if student is None else {"teacher": splits(0), "student": splits(student)}
+    write_json(root / name / "scores.json", {"model": name, "step": 10, "networks": networks})
 
 
 def write_quality(root, method: str, fraction: str, phases: dict) -> None:
@@ -58,12 +67,12 @@ def _quality(raw: float, refined: float, match: float, pwa: float) -> dict[str, 
 def trained(tmp_path):
     """A partially trained matrix: cpi_pwa at 5 %, iom at 10 %, the control at 5 % only."""
     ev, semi = tmp_path / "eval", tmp_path / "train_semi"
-    write_metrics(ev, "burn_in/5", 20.0, 18.0)
-    write_metrics(ev, "burn_in/10", 30.0)
-    write_metrics(ev, "burn_in/100", 50.0, 48.0)
-    write_metrics(ev, "train_semi/supervised/5", 22.0)
-    write_metrics(ev, "train_semi/cpi_pwa/5", 25.5, 21.25)
-    write_metrics(ev, "train_semi/iom/10", 33.0)
+    write_scores(ev, "burn_in/5", 20.0, 18.0)
+    write_scores(ev, "burn_in/10", 30.0)
+    write_scores(ev, "burn_in/100", 50.0, 48.0)
+    write_scores(ev, "train_semi/supervised/5", 22.0)
+    write_scores(ev, "train_semi/cpi_pwa/5", 25.5, 21.25, student=1.0)
+    write_scores(ev, "train_semi/iom/10", 33.0, student=0.5)
     write_quality(
         semi, "cpi_pwa", "5", {"start": _quality(40, 45.5, 60, 40), "end": _quality(50, 55, 70, 30)}
     )
@@ -84,13 +93,16 @@ def test_table_cells_and_gap_share(trained):
         end = next((j for j in range(start, len(md)) if not md[j].startswith("|")), len(md))
         return md[start:end]
 
+    # Each method's teacher, its student beside it
     assert table("## val: mIoU (%)") == [
-        "| labeled | burn-in | control | iom | cpi_pwa | 100 % labels |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        f"| 5 % | 20.00 | 22.00 | {DASH} | 25.50 | 50.00 |",
-        f"| 10 % | 30.00 | {DASH} | 33.00 | {DASH} | 50.00 |",
+        "| labeled | burn-in | control | iom | iom (student) | cpi_pwa | cpi_pwa (student) | 100 % labels |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| 5 % | 20.00 | 22.00 | {DASH} | {DASH} | 25.50 | 24.50 | 50.00 |",
+        f"| 10 % | 30.00 | {DASH} | 33.00 | 32.50 | {DASH} | {DASH} | 50.00 |",
     ]
-    assert table("## val: oIoU (%)")[2] == f"| 5 % | 21.00 | 23.00 | {DASH} | 26.50 | 51.00 |"
+    assert (
+        table("## val: oIoU (%)")[2] == f"| 5 % | 21.00 | 23.00 | {DASH} | {DASH} | 26.50 | 25.50 | 51.00 |"
+    )
     assert table("## val: gain over the control (mIoU points)") == [
         "| labeled | iom | cpi_pwa |",
         "| --- | ---: | ---: |",
@@ -103,8 +115,8 @@ def test_table_cells_and_gap_share(trained):
         f"| 10 % | {DASH} | 15.0 % | {DASH} |",
     ]
     assert table("## testA: mIoU (%)")[2:] == [
-        f"| 5 % | 18.00 | {DASH} | {DASH} | 21.25 | 48.00 |",
-        f"| 10 % | {DASH} | {DASH} | {DASH} | {DASH} | 48.00 |",
+        f"| 5 % | 18.00 | {DASH} | {DASH} | {DASH} | 21.25 | 20.25 | 48.00 |",
+        f"| 10 % | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | 48.00 |",
     ]
     assert table("## Pseudo-label quality") == [
         "| method | labeled | start raw | start refined | end raw | end refined | match rate start "
@@ -124,6 +136,7 @@ def test_cells_the_params_no_longer_ask_for_are_left_out(trained):
         ("train_semi", "cpi_pwa", 5.0), ("train_semi", "supervised", 5.0),
     ]  # fmt: skip
     assert sorted(kept.quality) == [("cpi_pwa", 5.0)]  # the control has no pseudo-labels
+    assert sorted(kept.students) == [("train_semi", "cpi_pwa", 5.0)]
     assert "iom" not in rep.results_markdown(kept)
 
 
@@ -136,36 +149,39 @@ def test_gap_share_arithmetic():
 
 
 def test_no_gap_table_without_the_fully_supervised_model(trained):
-    (trained / "eval" / "burn_in" / "100" / "metrics.json").unlink()
+    (trained / "eval" / "burn_in" / "100" / "scores.json").unlink()
     md = rep.results_markdown(rep.load_results(trained / "eval", trained / "train_semi"))
     assert "gap closed" not in md
-    assert f"| 5 % | 20.00 | 22.00 | {DASH} | 25.50 | {DASH} |" in md
+    assert f"| 5 % | 20.00 | 22.00 | {DASH} | {DASH} | 25.50 | 24.50 | {DASH} |" in md
 
 
 def test_csv_is_long_sorted_and_full_precision(trained):
-    write_metrics(trained / "eval", "train_semi/raw/5", 1 / 3)
+    write_scores(trained / "eval", "train_semi/raw/5", 1 / 3, student=1 / 3)
     text = rep.results_csv(rep.load_results(trained / "eval", trained / "train_semi"))
     rows = text.splitlines()
-    assert rows[0] == "model,method,fraction,split,metric,value"
+    assert rows[0] == "model,method,fraction,network,split,metric,value"
     assert rows[1:5] == [
-        "burn_in,burn_in,5,val,count,40",
-        "burn_in,burn_in,5,val,mIoU,20.0",
-        "burn_in,burn_in,5,val,oIoU,21.0",
-        "burn_in,burn_in,5,val,prec@0.5,10.0",
+        "burn_in,burn_in,5,model,val,count,40",
+        "burn_in,burn_in,5,model,val,mIoU,20.0",
+        "burn_in,burn_in,5,model,val,oIoU,21.0",
+        "burn_in,burn_in,5,model,val,prec@0.5,10.0",
     ]
-    assert "burn_in,burn_in,5,testA,mIoU,18.0" in rows
-    assert "train_semi,raw,5,val,mIoU,0.3333333333333333" in rows
-    assert "pseudo_labels,cpi_pwa,5,start,refined_mIoU,45.5" in rows
-    assert "pseudo_labels,iom,10,end,match_rate,80" in rows
-    # 10 evaluated splits x 4 metrics + 3 quality phases x 6 metrics
-    assert len(rows) == 1 + 10 * 4 + 3 * 6
+    assert "burn_in,burn_in,5,model,testA,mIoU,18.0" in rows
+    assert "train_semi,raw,5,teacher,val,mIoU,0.3333333333333333" in rows
+    assert "train_semi,raw,5,student,val,mIoU,0.0" in rows
+    assert "train_semi,cpi_pwa,5,student,testA,mIoU,20.25" in rows
+    assert "train_semi,supervised,5,model,val,mIoU,22.0" in rows
+    assert "pseudo_labels,cpi_pwa,5,teacher,start,refined_mIoU,45.5" in rows
+    assert "pseudo_labels,iom,10,teacher,end,match_rate,80" in rows
+    # 10 evaluated splits x 4 metrics, 4 students' splits x 4, 3 quality phases x 6 metrics
+    assert len(rows) == 1 + 10 * 4 + 4 * 4 + 3 * 6
     models = [r.split(",")[0] for r in rows[1:]]
     assert models == sorted(models)
     assert text == rep.results_csv(rep.load_results(trained / "eval", trained / "train_semi"))
 
 
 def test_nothing_evaluated_is_one_clear_error(tmp_path):
-    with pytest.raises(SemiresError, match=r"eval: no evaluation metrics .*dvc repro"):
+    with pytest.raises(SemiresError, match=r"eval: no evaluation scores \(scores.json\) found.*dvc repro"):
         rep.load_results(tmp_path / "eval", tmp_path / "train_semi")
 
 
@@ -173,14 +189,18 @@ def test_nothing_evaluated_is_one_clear_error(tmp_path):
     ("text", "message"),
     [
         ("{not json", "not readable JSON"),
-        ('["burn_in/5"]', "not a metrics file"),
-        ('{"train_semi/iom/10": {"val": {"mIoU": "high"}}}', r"expected \{split: \{metric: number\}\}"),
-        ('{"burn_in/5": {"val": {"mIoU": 1}}}', "also in .*burn_in/5/metrics.json; delete the stale one"),
-        ('{"ema/5": {"val": {"mIoU": 1}}}', "neither burn_in/<percent>"),
+        ('["burn_in/5"]', "not a scores file"),
+        ('{"model": "train_semi/iom/10", "networks": {"teacher": {"val": {"mIoU": "high"}}, "student": {}}}',
+         r"expected networks \{teacher, student\} or \{model\}"),
+        ('{"model": "train_semi/iom/10", "networks": {"teacher": {"val": {"mIoU": 1}}}}',
+         r"expected networks \{teacher, student\} or \{model\}"),
+        ('{"model": "burn_in/5", "networks": {"model": {"val": {"mIoU": 1}}}}',
+         "also in .*burn_in/5/scores.json; delete the stale one"),
+        ('{"model": "ema/5", "networks": {"model": {"val": {"mIoU": 1}}}}', "neither burn_in/<percent>"),
     ],
-)
-def test_corrupt_metrics_name_the_file(trained, text, message):
-    path = trained / "eval" / "train_semi" / "iom" / "10" / "metrics.json"
+)  # fmt: skip
+def test_corrupt_scores_name_the_file(trained, text, message):
+    path = trained / "eval" / "train_semi" / "iom" / "10" / "scores.json"
     path.write_text(text)
     with pytest.raises(SemiresError, match=message) as e:
         rep.load_results(trained / "eval", trained / "train_semi")
@@ -299,9 +319,9 @@ def project(tmp_path_factory):
         root / "burn_in" / "50" / "dvclive",
         {"train/loss": [(s, 1 / s) for s in range(2, 21, 2)], "val/mIoU": [(10, 15.0), (20, 20.0)]},
     )
-    write_metrics(root / "eval", "burn_in/50", 20.0)
-    write_metrics(root / "eval", "train_semi/cpi_pwa/50", 22.0)
-    write_metrics(root / "eval", "train_semi/supervised/50", 21.0)
+    write_scores(root / "eval", "burn_in/50", 20.0)
+    write_scores(root / "eval", "train_semi/cpi_pwa/50", 22.0, student=0.5)
+    write_scores(root / "eval", "train_semi/supervised/50", 21.0)
     params = {
         "dataset": {"image_dir": str(root / "refer" / "images" / "synthref")},
         "split": {"fractions": [50, 100]},
@@ -332,7 +352,7 @@ def test_report_stage_writes_tables_and_figures(project):
         "results.md",
     ]
     md = (out / "results.md").read_text()
-    assert f"| 50 % | 20.00 | 21.00 | 22.00 | {DASH} |" in md
+    assert f"| 50 % | 20.00 | 21.00 | 22.00 | 21.50 | {DASH} |" in md
     assert "| `cpi_pwa` | 50 % | 10.00 | 12.00 |" in md
     assert _png_size(out / "curves.png") == (round(rep.CURVES_SIZE[0] * 50), round(rep.CURVES_SIZE[1] * 50))
     w, h = rep.PANEL_SIZE
@@ -346,7 +366,7 @@ def test_report_stage_writes_tables_and_figures(project):
 def test_a_failed_report_keeps_the_previous_one(project):
     assert runner.invoke(app, report_args(project)).exit_code == 0
     before = (project / "reports" / "results.md").read_text()
-    bad = project / "eval" / "burn_in" / "50" / "metrics.json"
+    bad = project / "eval" / "burn_in" / "50" / "scores.json"
     good = bad.read_text()
     bad.write_text("{")
     try:

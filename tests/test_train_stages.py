@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from semires import annotations
 from semires.atomic import write_json
+from semires.model.build import prepare, preset
 from semires.refer import read_refer
 from semires.split import random_split
 from semires.synth import SynthOptions, write_dataset
+from semires.train import save_checkpoint
 from stages.cli import app
 
 runner = CliRunner()
@@ -54,7 +57,8 @@ def evaluate_args(root, checkpoint):
     return [
         "evaluate", "--checkpoint", str(checkpoint), "--name", "burn_in/50",
         "--anns", str(root / "anns.json"),
-        "--metrics", str(root / "eval" / "metrics.json"), "--results", str(root / "eval" / "results.jsonl"),
+        "--metrics", str(root / "eval" / "metrics.json"), "--scores", str(root / "eval" / "scores.json"),
+        "--results", str(root / "eval" / "results.jsonl"),
         "--params", str(root / "params.yaml"),
     ]  # fmt: skip
 
@@ -72,13 +76,18 @@ def test_burn_in_then_evaluate(project):
 
     res = runner.invoke(app, evaluate_args(root, root / "burn_in" / "model.pt"))
     assert res.exit_code == 0, res.output
-    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    scores = json.loads((root / "eval" / "scores.json").read_text())
     splits = [s for s in anns.splits() if s != "train"]
-    assert list(metrics) == ["burn_in/50"] and list(metrics["burn_in/50"]) == splits
-    assert {"oIoU", "mIoU", "prec@0.5", "prec@0.9"} <= set(metrics["burn_in/50"][splits[0]])
+    assert scores["model"] == "burn_in/50" and scores["step"] == 4
+    assert list(scores["networks"]) == ["model"] and list(scores["networks"]["model"]) == splits
+    val = scores["networks"]["model"]["val"]
+    assert {"oIoU", "mIoU", "prec@0.5", "prec@0.9", "count"} <= set(val)
+    # The headline `dvc metrics show` prints: val oIoU and mIoU, rounded
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics == {"val": {"oIoU": round(val["oIoU"], 2), "mIoU": round(val["mIoU"], 2)}}
     rows = [json.loads(line) for line in (root / "eval" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == sum(len(r.sentences) for r in anns.refs if r.split != "train")
-    assert {"model", "split", "ref_id", "sent_id", "sentence", "I", "U", "IoU"} <= set(rows[0])
+    assert {"model", "network", "split", "ref_id", "sent_id", "sentence", "I", "U", "IoU"} <= set(rows[0])
 
 
 def test_max_epochs_ends_a_small_label_set_early_with_the_lr_at_zero(project):
@@ -120,3 +129,41 @@ def test_evaluating_a_missing_checkpoint_is_one_clear_line(project):
     root, _ = project
     res = runner.invoke(app, evaluate_args(root, root / "none.pt"))
     assert res.exit_code == 2 and "none.pt: checkpoint not found" in res.output
+
+
+def test_evaluate_scores_the_teacher_and_the_student_beside_it(project, tmp_path):
+    """A teacher-student checkpoint: the headline is the EMA teacher's, the student's beside it,
+    and the end-of-training pseudo-label mIoU from --quality."""
+    root, anns = project
+    corpus = [s for r in anns.refs for s in r.sentences]
+    torch.manual_seed(0)
+    spec, student = prepare(preset("tiny"), corpus=corpus)
+    teacher = prepare(preset("tiny"), corpus=corpus)[1]
+    save_checkpoint(tmp_path / "model.pt", spec=spec, model=student, step=6, teacher=teacher)
+    quality = {
+        "start": {"raw_mIoU": 10.0, "refined_mIoU": 12.0},
+        "end": {"raw_mIoU": 20.123, "refined_mIoU": 25.5},
+    }
+    write_json(tmp_path / "pseudo_labels.json", {"cpi_pwa/50": quality})
+    args = evaluate_args(root, tmp_path / "model.pt")
+    args[args.index("--name") + 1] = "train_semi/cpi_pwa/50"
+    res = runner.invoke(app, [*args, "--quality", str(tmp_path / "pseudo_labels.json")])
+    assert res.exit_code == 0, res.output
+    scores = json.loads((root / "eval" / "scores.json").read_text())
+    assert list(scores["networks"]) == ["teacher", "student"]
+    t, s = scores["networks"]["teacher"]["val"], scores["networks"]["student"]["val"]
+    assert t != s  # two different networks were scored
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics == {
+        "val": {
+            "oIoU": round(t["oIoU"], 2), "mIoU": round(t["mIoU"], 2),
+            "student_oIoU": round(s["oIoU"], 2), "student_mIoU": round(s["mIoU"], 2),
+        },
+        "pseudo": {"raw_mIoU": 20.12, "refined_mIoU": 25.5},
+    }  # fmt: skip
+    rows = [json.loads(line) for line in (root / "eval" / "results.jsonl").read_text().splitlines()]
+    assert {r["network"] for r in rows} == {"teacher", "student"}
+    # A quality file that is not one is named
+    (tmp_path / "pseudo_labels.json").write_text('{"cpi_pwa/50": {"end": {"raw_mIoU": "high"}}}')
+    res = runner.invoke(app, [*args, "--quality", str(tmp_path / "pseudo_labels.json")])
+    assert res.exit_code == 2 and "pseudo_labels.json: not a pseudo-label quality file" in res.output
