@@ -51,6 +51,7 @@ class ModelParams:
     decoder_hidden: int | None = None
     text_hidden: int | None = None
     text_layers: int | None = None
+    pwam_heads: tuple[int, int, int, int] | None = None  # LAVT's --mha; the preset's: 1-1-1-1
 
     def __post_init__(self) -> None:
         from semires.model.build import PRESETS
@@ -66,7 +67,7 @@ class ModelParams:
         for key in ("embed_dim", "window_size", "decoder_hidden", "text_hidden", "text_layers"):
             v = getattr(self, key)
             check(v is None or v >= 1, f"model.{key}", v, "expected a positive integer or null")
-        for key in ("depths", "num_heads"):
+        for key in ("depths", "num_heads", "pwam_heads"):
             v = getattr(self, key)
             check(v is None or min(v) >= 1, f"model.{key}", v, "expected four positive integers or null")
 
@@ -150,7 +151,10 @@ def model_config(p: ModelParams) -> ModelConfig:
         sizes = {"hidden_size": p.text_hidden, "num_layers": p.text_layers}
         text = dataclasses.replace(text, **{k: v for k, v in sizes.items() if v is not None})
     hidden = p.decoder_hidden if p.decoder_hidden is not None else cfg.decoder_hidden
-    return dataclasses.replace(cfg, swin=swin, text=text, decoder_hidden=hidden)
+    top = {"pwam_heads": p.pwam_heads}
+    return dataclasses.replace(
+        cfg, swin=swin, text=text, decoder_hidden=hidden, **{k: v for k, v in top.items() if v is not None}
+    )
 
 
 def loop_config(p: Any, cls: type[LoopConfig] = LoopConfig, **extra: Any) -> LoopConfig:

@@ -110,3 +110,17 @@ def test_missing_weight_files_name_the_path(tmp_path):
 def test_unknown_preset_names_the_choices():
     with pytest.raises(SemiresError, match="paper, tiny"):
         preset("huge")
+
+
+def test_pwam_heads_are_a_model_setting():
+    from stages.burn_in import ModelParams, model_config
+
+    cfg = model_config(ModelParams(preset="tiny", image_size=64, pwam_heads=(1, 2, 2, 4)))
+    assert cfg.pwam_heads == (1, 2, 2, 4)
+    spec, model = prepare(cfg, corpus=CORPUS)
+    assert [f.heads for f in model.fusion] == [1, 2, 2, 4]
+    assert build_from_spec(ModelSpec.from_dict(spec.to_dict())).fusion[3].heads == 4
+    with pytest.raises(
+        SemiresError, match=r"model PWAM heads \[1, 1, 1, 3\]: expected four head counts dividing"
+    ):
+        prepare(dataclasses.replace(cfg, pwam_heads=(1, 1, 1, 3)), corpus=CORPUS)
