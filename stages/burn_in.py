@@ -52,9 +52,11 @@ class ModelParams:
     text_hidden: int | None = None
     text_layers: int | None = None
     pwam_heads: tuple[int, int, int, int] | None = None  # LAVT's --mha; the preset's: 1-1-1-1
+    truncation: str | None = None  # lavt (the preset's: LAVT's cut) | keep_sep
 
     def __post_init__(self) -> None:
         from semires.model.build import PRESETS
+        from semires.model.text import TRUNCATIONS
 
         check(self.preset in PRESETS, "model.preset", self.preset, f"expected one of {', '.join(PRESETS)}")
         check(
@@ -70,6 +72,12 @@ class ModelParams:
         for key in ("depths", "num_heads", "pwam_heads"):
             v = getattr(self, key)
             check(v is None or min(v) >= 1, f"model.{key}", v, "expected four positive integers or null")
+        check(
+            self.truncation is None or self.truncation in TRUNCATIONS,
+            "model.truncation",
+            self.truncation,
+            f"expected null (the preset's) or one of {', '.join(TRUNCATIONS)}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +159,7 @@ def model_config(p: ModelParams) -> ModelConfig:
         sizes = {"hidden_size": p.text_hidden, "num_layers": p.text_layers}
         text = dataclasses.replace(text, **{k: v for k, v in sizes.items() if v is not None})
     hidden = p.decoder_hidden if p.decoder_hidden is not None else cfg.decoder_hidden
-    top = {"pwam_heads": p.pwam_heads}
+    top = {"pwam_heads": p.pwam_heads, "truncation": p.truncation}
     return dataclasses.replace(
         cfg, swin=swin, text=text, decoder_hidden=hidden, **{k: v for k, v in top.items() if v is not None}
     )

@@ -20,7 +20,7 @@ from transformers import BertConfig, BertModel
 from semires.errors import SemiresError
 from semires.model.lavt import LAVT
 from semires.model.swin import Swin, SwinConfig, create_swin, load_original_checkpoint
-from semires.model.text import TextEncoder, TextTokenizer, bert_config_from_dir, load_bert
+from semires.model.text import TRUNCATIONS, TextEncoder, TextTokenizer, bert_config_from_dir, load_bert
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class ModelConfig:
     decoder_hidden: int | None = None  # None: the third stage's width, as LAVT
     pretrained: bool = False
     pwam_heads: tuple[int, int, int, int] = (1, 1, 1, 1)  # per stage; LAVT's --mha, the paper's 1-1-1-1
+    truncation: str = "lavt"  # how long sentences are cut (semires.model.text.TRUNCATIONS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,7 +112,8 @@ class ModelSpec:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def make_tokenizer(self) -> TextTokenizer:
-        return TextTokenizer.from_str(self.tokenizer)
+        """The tokenizer the model was trained with, cutting long sentences as its config says."""
+        return TextTokenizer.from_str(self.tokenizer, self.config.truncation)
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
@@ -126,6 +128,10 @@ def check_config(config: ModelConfig) -> None:
     if config.image_size < 64 or config.image_size % 32:
         # Swin downsamples by 32 and PWAM's instance norm needs more than one pixel per stage.
         raise SemiresError(f"model image size {config.image_size}: expected a multiple of 32, at least 64")
+    if config.truncation not in TRUNCATIONS:
+        raise SemiresError(
+            f"model truncation {config.truncation!r}: expected one of {', '.join(TRUNCATIONS)}"
+        )
     for name, heads in (("Swin", config.swin.num_heads), ("PWAM", config.pwam_heads)):
         if len(heads) != 4 or any(h < 1 or d % h for d, h in zip(config.swin.dims, heads, strict=False)):
             raise SemiresError(
