@@ -7,6 +7,7 @@ import typer
 from stages.burn_in import burn_in
 from stages.evaluate import evaluate
 from stages.extract import extract
+from stages.import_checkpoint import import_checkpoint
 from stages.propose import propose
 from stages.report import report
 from stages.split import split
@@ -29,6 +30,7 @@ app.command("burn-in")(burn_in)
 app.command("train-semi")(train_semi_command)
 app.command("evaluate")(evaluate)
 app.command("report")(report)
+app.command("import-checkpoint")(import_checkpoint)
 
 if __name__ == "__main__":
     app()
