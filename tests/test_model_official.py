@@ -110,6 +110,8 @@ class _RunsCode:
 def _spoil(case: str, official: dict, tmp: Path) -> tuple[Path, Path, str]:
     """(checkpoint, BERT folder, what the message must say) for one bad input."""
     src, bert = tmp / "bad.pth", BERT
+    if case == "checkpoint missing":
+        return tmp / "nope.pth", bert, "nope.pth: official checkpoint not found; fix the path"
     if case == "not a checkpoint":
         src.write_bytes(b"this is not a checkpoint")
         return src, bert, "bad.pth: not a checkpoint (not a file written by torch.save, or truncated)"
@@ -172,8 +174,8 @@ def _spoil(case: str, official: dict, tmp: Path) -> tuple[Path, Path, str]:
 
 
 BAD = [
-    "not a checkpoint", "truncated checkpoint", "pickle asks for another global", "no bert_model",
-    "a state dict of another model", "a key LAVT does not have", "a weight of another shape",
+    "checkpoint missing", "not a checkpoint", "truncated checkpoint", "pickle asks for another global",
+    "no bert_model", "a state dict of another model", "a key LAVT does not have", "a weight of another shape",
     "BERT of another hidden size", "BERT of another vocabulary", "BERT folder missing",
 ]  # fmt: skip
 
