@@ -60,11 +60,17 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.reshape(b, (h // window) * (w // window), window * window, c)
 
 
-def window_merge(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
-    """The inverse of :func:`window_partition`: ``B x nW x N x C`` -> ``B x H x W x C``."""
-    b, _, _, c = windows.shape
-    x = windows.view(b, h // window, w // window, window, window, c).transpose(2, 3)
-    return x.reshape(b, h, w, c)
+def pad_map(x: torch.Tensor, hp: int, wp: int, value: torch.Tensor | None = None) -> torch.Tensor:
+    """``B x H x W x C`` -> ``B x hp x wp x C``, the new bottom rows and right columns filled
+    with ``value`` (``C``; zeros if None)."""
+    b, h, w, c = x.shape
+    if value is None:
+        return F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+    if wp > w:
+        x = torch.cat([x, value.expand(b, h, wp - w, c)], dim=2)
+    if hp > h:
+        x = torch.cat([x, value.expand(b, hp - h, wp, c)], dim=1)
+    return x
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -105,17 +111,26 @@ def shift_mask(hp: int, wp: int, window: int, shift: int, device: torch.device) 
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside each window, with a learned relative position bias.
+    """LAVT's (shifted) window attention over a normalised map: ``B x H x W x C`` -> ``B x H x W x C``.
 
-    ``B x nW x N x C`` -> ``B x nW x N x C``. The bias (and, in a shifted block, the shift
-    mask) is one additive float mask of :func:`torch.nn.functional.scaled_dot_product_attention`.
+    The map is padded with zeros (bottom, right) to a multiple of ``window``, rolled by
+    ``-shift`` on both axes if ``shift`` > 0, and each window's tokens attend to each other
+    (multi-head, learned relative position bias; in a shifted block :func:`shift_mask`
+    separates the regions the roll brought together); the result is rolled back, cropped
+    and projected. A zero token's query, key and value are the ``qkv`` bias, so q/k/v are
+    computed for the map's own tokens only and the padding is filled with that bias, and the
+    output projection runs on the cropped map: the same arithmetic, with no work on tokens
+    that are thrown away. The bias (and shift mask) is one additive float mask of
+    :func:`torch.nn.functional.scaled_dot_product_attention`.
     """
 
-    def __init__(self, dim: int, heads: int, window: int) -> None:
+    def __init__(self, dim: int, heads: int, window: int, shift: int) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"Swin width {dim} is not divisible by {heads} heads")
-        self.heads = heads
+        if not 0 <= shift < window:
+            raise ValueError(f"shift {shift} must be in [0, window {window})")
+        self.heads, self.window, self.shift = heads, window, shift
         self.window_size = (window, window)  # timm's checkpoint_filter_fn reads it
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
@@ -129,22 +144,31 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, self.heads).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` B x nW x N x C; ``mask`` nW x N x N (additive) or None -> B x nW x N x C."""
-        b, nw, n, c = x.shape
-        h, d = self.heads, c // self.heads
-        qkv = self.qkv(x).view(b, nw, n, 3, h, d).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)  # B x nW x h x N x d
-        bias = self.position_bias()
-        if mask is None:  # every window alike: the windows join the batch, the bias broadcasts
-            q, k, v = (t.reshape(b * nw, h, n, d) for t in (q, k, v))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        win, s, nh, d = self.window, self.shift, self.heads, c // self.heads
+        hp, wp = h + -h % win, w + -w % win
+        gh, gw, n = hp // win, wp // win, win * win  # windows down and across, tokens per window
+        qkv = self.qkv(x)  # B x H x W x 3C
+        if (hp, wp) != (h, w):
+            qkv = pad_map(qkv, hp, wp, self.qkv.bias)
+        if s:
+            qkv = torch.roll(qkv, shifts=(-s, -s), dims=(1, 2))
+        # windows and heads apart in one copy: 3 x B x gh x gw x heads x win x win x d
+        qkv = qkv.view(b, gh, win, gw, win, 3, nh, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        bias = self.position_bias()  # heads x N x N
+        if s:  # windows differ: windows x heads as the head axis, the mask broadcasts over B
+            q, k, v = qkv.reshape(3, b, gh * gw * nh, n, d).unbind(0)
+            mask = shift_mask(hp, wp, win, s, x.device)  # nW x N x N
+            attn_mask = (bias + mask[:, None]).reshape(gh * gw * nh, n, n)
+        else:  # every window alike: the windows join the batch, the bias broadcasts
+            q, k, v = qkv.reshape(3, b * gh * gw, nh, n, d).unbind(0)
             attn_mask = bias
-        else:  # windows differ: windows x heads as the head axis, the mask broadcasts over B
-            q, k, v = (t.reshape(b, nw * h, n, d) for t in (q, k, v))
-            attn_mask = (bias + mask[:, None]).reshape(nw * h, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))
-        out = out.reshape(b, nw, h, n, d).transpose(2, 3).reshape(b, nw, n, c)
-        return self.proj(out)
+        out = out.reshape(b, gh, gw, nh, win, win, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)
+        if s:
+            out = torch.roll(out, shifts=(s, s), dims=(1, 2))
+        return self.proj(out[:, :h, :w])
 
 
 class Mlp(nn.Module):
@@ -163,43 +187,24 @@ class Mlp(nn.Module):
 class SwinBlock(nn.Module):
     """One Swin block with LAVT's arithmetic: ``B x H x W x C`` -> ``B x H x W x C``.
 
-    ``x + attn(norm1(x))`` where attention runs in windows of the normalised map padded
-    (zeros, bottom and right) to a multiple of ``window`` and, if ``shift`` > 0, rolled by
-    ``-shift`` on both axes with :func:`shift_mask`; then ``x + mlp(norm2(x))``.
+    ``x + attn(norm1(x))`` with :class:`WindowAttention` (windows of ``window``, rolled by
+    ``shift``), then ``x + mlp(norm2(x))``.
     """
 
     def __init__(
         self, dim: int, heads: int, window: int, shift: int, *, mlp_ratio: float = 4.0, drop_path: float = 0.0
     ) -> None:
         super().__init__()
-        if not 0 <= shift < window:
-            raise ValueError(f"shift {shift} must be in [0, window {window})")
         self.window, self.shift = window, shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, heads, window)
+        self.attn = WindowAttention(dim, heads, window, shift)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w, _ = x.shape
-        win, s = self.window, self.shift
-        y = self.norm1(x)
-        pad_h, pad_w = -h % win, -w % win
-        if pad_h or pad_w:
-            y = F.pad(y, (0, 0, 0, pad_w, 0, pad_h))
-        hp, wp = h + pad_h, w + pad_w
-        mask = None
-        if s:
-            y = torch.roll(y, shifts=(-s, -s), dims=(1, 2))
-            mask = shift_mask(hp, wp, win, s, y.device)
-        y = window_merge(self.attn(window_partition(y, win), mask), win, hp, wp)
-        if s:
-            y = torch.roll(y, shifts=(s, s), dims=(1, 2))
-        if pad_h or pad_w:
-            y = y[:, :h, :w]
-        x = x + self.drop_path1(y)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
