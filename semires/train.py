@@ -36,7 +36,13 @@ from semires.metrics import intersection_union, iou, summarize
 from semires.model.build import ModelSpec, build_from_spec
 
 CHECKPOINT_FORMAT = "semires-lavt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+# Why a checkpoint of an older version cannot be read (its weights belong to another function)
+_OLD_VERSIONS = {
+    1: "LAVT computed another function than LAVT's (timm's shifted windows, align_corners=False "
+    "upsampling, PWAM scaled per head) and whose tokenizer kept [SEP] in long sentences: its weights "
+    "would give other masks",
+}
 _NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "position_embeddings")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -341,9 +347,11 @@ def load_checkpoint(
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise SemiresError(f"{path}: not a semires LAVT checkpoint (no format {CHECKPOINT_FORMAT!r})")
     if obj.get("version") != CHECKPOINT_VERSION:
+        why = _OLD_VERSIONS.get(obj.get("version"))
         raise SemiresError(
-            f"{path}: checkpoint version {obj.get('version')!r}, this semires reads "
-            f"{CHECKPOINT_VERSION}; retrain"
+            f"{path}: checkpoint version {obj.get('version')!r}, this semires reads {CHECKPOINT_VERSION}"
+            + (f": written by an earlier semires whose {why}" if why else "")
+            + "; retrain it (dvc repro reruns the stages that wrote it)"
         )
     try:
         spec = ModelSpec.from_dict(obj["spec"])

@@ -51,9 +51,12 @@ class ModelParams:
     decoder_hidden: int | None = None
     text_hidden: int | None = None
     text_layers: int | None = None
+    pwam_heads: tuple[int, int, int, int] | None = None  # LAVT's --mha; the preset's: 1-1-1-1
+    truncation: str | None = None  # lavt (the preset's: LAVT's cut) | keep_sep
 
     def __post_init__(self) -> None:
         from semires.model.build import PRESETS
+        from semires.model.text import TRUNCATIONS
 
         check(self.preset in PRESETS, "model.preset", self.preset, f"expected one of {', '.join(PRESETS)}")
         check(
@@ -66,9 +69,15 @@ class ModelParams:
         for key in ("embed_dim", "window_size", "decoder_hidden", "text_hidden", "text_layers"):
             v = getattr(self, key)
             check(v is None or v >= 1, f"model.{key}", v, "expected a positive integer or null")
-        for key in ("depths", "num_heads"):
+        for key in ("depths", "num_heads", "pwam_heads"):
             v = getattr(self, key)
             check(v is None or min(v) >= 1, f"model.{key}", v, "expected four positive integers or null")
+        check(
+            self.truncation is None or self.truncation in TRUNCATIONS,
+            "model.truncation",
+            self.truncation,
+            f"expected null (the preset's) or one of {', '.join(TRUNCATIONS)}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +159,10 @@ def model_config(p: ModelParams) -> ModelConfig:
         sizes = {"hidden_size": p.text_hidden, "num_layers": p.text_layers}
         text = dataclasses.replace(text, **{k: v for k, v in sizes.items() if v is not None})
     hidden = p.decoder_hidden if p.decoder_hidden is not None else cfg.decoder_hidden
-    return dataclasses.replace(cfg, swin=swin, text=text, decoder_hidden=hidden)
+    top = {"pwam_heads": p.pwam_heads, "truncation": p.truncation}
+    return dataclasses.replace(
+        cfg, swin=swin, text=text, decoder_hidden=hidden, **{k: v for k, v in top.items() if v is not None}
+    )
 
 
 def loop_config(p: Any, cls: type[LoopConfig] = LoopConfig, **extra: Any) -> LoopConfig:

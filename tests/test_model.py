@@ -62,12 +62,22 @@ def test_the_sentence_changes_the_output(tiny):
     assert not torch.allclose(out[0], out[1])
 
 
-def test_tokenizer_cuts_long_sentences_keeping_sep(tiny):
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_cut_long_sentences_as_lavt(name):
+    """LAVT keeps the first 20 ids of ``[CLS] words [SEP]``: a long sentence loses its [SEP]."""
+    assert preset(name).truncation == "lavt"
+
+
+def test_tokenizer_truncation_modes(tiny):
     spec, _ = tiny
-    tok = spec.make_tokenizer()
-    ids, mask = tok.encode([" ".join(["red"] * 40)], 20)
-    assert mask.sum() == 20
-    assert ids[0, -1] == tok._tok.token_to_id("[SEP]") and ids[0, 0] == tok._tok.token_to_id("[CLS]")
+    cls_id, sep_id, red = (spec.make_tokenizer()._tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "red"))
+    long = " ".join(["red"] * 40)
+    ids, mask = spec.make_tokenizer().encode([long, "red"], 20)  # the spec's mode: lavt
+    assert mask[0].sum() == 20 and ids[0].tolist() == [cls_id] + [red] * 19
+    assert ids[1, :4].tolist() == [cls_id, red, sep_id, 0] and mask[1].sum() == 3
+    keep = dataclasses.replace(spec, config=dataclasses.replace(spec.config, truncation="keep_sep"))
+    ids, mask = keep.make_tokenizer().encode([long], 20)
+    assert mask.sum() == 20 and ids[0].tolist() == [cls_id] + [red] * 18 + [sep_id]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -110,3 +120,22 @@ def test_missing_weight_files_name_the_path(tmp_path):
 def test_unknown_preset_names_the_choices():
     with pytest.raises(SemiresError, match="paper, tiny"):
         preset("huge")
+
+
+def test_pwam_heads_and_truncation_are_model_settings():
+    from stages.burn_in import ModelParams, model_config
+
+    cfg = model_config(
+        ModelParams(preset="tiny", image_size=64, pwam_heads=(1, 2, 2, 4), truncation="keep_sep")
+    )
+    assert cfg.pwam_heads == (1, 2, 2, 4) and cfg.truncation == "keep_sep"
+    spec, model = prepare(cfg, corpus=CORPUS)
+    assert [f.heads for f in model.fusion] == [1, 2, 2, 4]
+    assert build_from_spec(ModelSpec.from_dict(spec.to_dict())).fusion[3].heads == 4
+    assert spec.make_tokenizer().truncation == "keep_sep"
+    with pytest.raises(SemiresError, match="model.truncation"):
+        ModelParams(truncation="cut")
+    with pytest.raises(
+        SemiresError, match=r"model PWAM heads \[1, 1, 1, 3\]: expected four head counts dividing"
+    ):
+        prepare(dataclasses.replace(cfg, pwam_heads=(1, 1, 1, 3)), corpus=CORPUS)

@@ -152,6 +152,20 @@ def test_checkpoint_of_another_model_or_run_is_refused(synth, tmp_path):
         load_checkpoint(tmp_path / "none.pt")
 
 
+def test_checkpoint_of_an_earlier_semires_is_refused_with_the_reason(synth, tmp_path):
+    """Version 1 checkpoints hold weights of another function (timm's windows, other upsampling)."""
+    anns, _ = synth
+    spec, model = tiny_model(anns)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, spec=spec, model=model, step=1)
+    obj = torch.load(path, weights_only=True)
+    obj["version"] = 1
+    torch.save(obj, path)
+    why = r"model.pt: checkpoint version 1, this semires reads 2: written by an earlier semires whose LAVT"
+    with pytest.raises(SemiresError, match=why + r" computed another function .*; retrain it"):
+        load_model(path)
+
+
 def test_resume_continues_a_killed_run_exactly(synth, tmp_path):
     """K steps in one go == k steps, stop, fresh model + resume to K (dropout on: RNG restored)."""
     anns, image_dir = synth

@@ -19,8 +19,8 @@ from transformers import BertConfig, BertModel
 
 from semires.errors import SemiresError
 from semires.model.lavt import LAVT
-from semires.model.swin import SwinConfig, SwinStages, create_swin, load_original_checkpoint
-from semires.model.text import TextEncoder, TextTokenizer, bert_config_from_dir, load_bert
+from semires.model.swin import Swin, SwinConfig, create_swin, load_original_checkpoint
+from semires.model.text import TRUNCATIONS, TextEncoder, TextTokenizer, bert_config_from_dir, load_bert
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class ModelConfig:
     max_tokens: int = 20
     decoder_hidden: int | None = None  # None: the third stage's width, as LAVT
     pretrained: bool = False
+    pwam_heads: tuple[int, int, int, int] = (1, 1, 1, 1)  # per stage; LAVT's --mha, the paper's 1-1-1-1
+    truncation: str = "lavt"  # how long sentences are cut (semires.model.text.TRUNCATIONS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -62,6 +64,8 @@ class ModelConfig:
         )
         text = TextConfig(**d["text"]) if d["text"] is not None else None
         rest = {k: v for k, v in d.items() if k not in ("swin", "text")}
+        if "pwam_heads" in rest:
+            rest["pwam_heads"] = tuple(rest["pwam_heads"])
         return cls(swin=swin, text=text, **rest)
 
 
@@ -108,7 +112,8 @@ class ModelSpec:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def make_tokenizer(self) -> TextTokenizer:
-        return TextTokenizer.from_str(self.tokenizer)
+        """The tokenizer the model was trained with, cutting long sentences as its config says."""
+        return TextTokenizer.from_str(self.tokenizer, self.config.truncation)
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
@@ -118,12 +123,33 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def _assemble(config: ModelConfig, swin, bert: BertModel) -> LAVT:
+def check_config(config: ModelConfig) -> None:
+    """A :class:`SemiresError` naming the first setting the network cannot be built with."""
     if config.image_size < 64 or config.image_size % 32:
         # Swin downsamples by 32 and PWAM's instance norm needs more than one pixel per stage.
         raise SemiresError(f"model image size {config.image_size}: expected a multiple of 32, at least 64")
+    if config.truncation not in TRUNCATIONS:
+        raise SemiresError(
+            f"model truncation {config.truncation!r}: expected one of {', '.join(TRUNCATIONS)}"
+        )
+    for name, heads in (("Swin", config.swin.num_heads), ("PWAM", config.pwam_heads)):
+        if len(heads) != 4 or any(h < 1 or d % h for d, h in zip(config.swin.dims, heads, strict=False)):
+            raise SemiresError(
+                f"model {name} heads {list(heads)}: expected four head counts dividing the stage widths "
+                f"{list(config.swin.dims)}"
+            )
+
+
+def _assemble(config: ModelConfig, bert: BertModel, swin: Swin | None = None) -> LAVT:
+    check_config(config)
     hidden = config.decoder_hidden or config.swin.dims[2]
-    return LAVT(SwinStages(swin), TextEncoder(bert), config.swin.dims, decoder_hidden=hidden)
+    return LAVT(
+        swin if swin is not None else create_swin(config.swin),
+        TextEncoder(bert),
+        config.swin.dims,
+        decoder_hidden=hidden,
+        pwam_heads=config.pwam_heads,
+    )
 
 
 def prepare(
@@ -144,7 +170,8 @@ def prepare(
             f"model preset {config.name!r} starts from pretrained weights: set model.swin_weights "
             "(swin_base_patch4_window12_384_22k.pth) and model.bert_dir (a saved bert-base-uncased)"
         )
-    swin = create_swin(config.swin, config.image_size)
+    check_config(config)
+    swin = create_swin(config.swin)
     if config.pretrained:
         load_original_checkpoint(swin, swin_weights)
         tokenizer = TextTokenizer.from_bert_dir(bert_dir)
@@ -161,7 +188,7 @@ def prepare(
         bert_config = small_bert_config(config, tokenizer.vocab_size)
         bert = BertModel(bert_config, add_pooling_layer=False)
     spec = ModelSpec(config, bert_config.to_json_string(), tokenizer.to_str())
-    return spec, _assemble(config, swin, bert)
+    return spec, _assemble(config, bert, swin)
 
 
 def small_bert_config(config: ModelConfig, vocab_size: int) -> BertConfig:
@@ -182,11 +209,7 @@ def small_bert_config(config: ModelConfig, vocab_size: int) -> BertConfig:
 def build_from_spec(spec: ModelSpec) -> LAVT:
     """The network described by ``spec``, randomly initialised (load a state dict into it)."""
     bert_config = BertConfig.from_dict(json.loads(spec.bert_config))
-    return _assemble(
-        spec.config,
-        create_swin(spec.config.swin, spec.config.image_size),
-        BertModel(bert_config, add_pooling_layer=False),
-    )
+    return _assemble(spec.config, BertModel(bert_config, add_pooling_layer=False))
 
 
 def count_parameters(model) -> int:

@@ -18,7 +18,8 @@ class Decoder(nn.Module):
 
     Inputs are the four stage features, channels-first, finest first:
     ``B x C1 x H/4 x W/4``, ``B x C2 x H/8 x W/8``, ``B x C3 x H/16``, ``B x C4 x H/32``.
-    Output: logits ``B x 2 x H/4 x W/4`` (background, object).
+    Output: logits ``B x 2 x H/4 x W/4`` (background, object). A coarser map is resized to
+    the finer one (bilinear, ``align_corners=True``, as LAVT) only where their sizes differ.
     """
 
     def __init__(self, dims: Sequence[int], hidden: int, num_classes: int = 2) -> None:
@@ -36,6 +37,7 @@ class Decoder(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         x = feats[3]
         for fuse, skip in zip(self.fuse, (feats[2], feats[1], feats[0]), strict=True):
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            if x.shape[-2:] != skip.shape[-2:]:
+                x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
             x = fuse(torch.cat([x, skip], dim=1))
         return self.classifier(x)

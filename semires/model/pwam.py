@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+PAD_LOGIT = -1e4  # LAVT's additive mask on padding words
 
 
 class PixelWordAttention(nn.Module):
@@ -13,6 +16,9 @@ class PixelWordAttention(nn.Module):
     dropout); each pixel queries the words (keys and values from ``L``, padding masked out),
     and the attended language feature multiplies the projected pixel feature element-wise;
     a final linear + GELU projection gives the fused feature ``F`` (``B x N x C``).
+
+    With several heads, each attends with its slice of the channels, and the logits are
+    scaled by ``C ** -0.5`` (all heads' width, as LAVT), not by the per-head width.
     """
 
     def __init__(self, dim: int, text_dim: int, *, heads: int = 1, dropout: float = 0.0) -> None:
@@ -41,9 +47,9 @@ class PixelWordAttention(nn.Module):
         q = q.reshape(b, n, h, c // h).transpose(1, 2)  # B x h x N x d
         k = k.reshape(b, -1, h, c // h).transpose(1, 2)  # B x h x T x d
         v = v.reshape(b, -1, h, c // h).transpose(1, 2)
-        bias = (1.0 - m)[:, None, None, :] * torch.finfo(q.dtype).min  # pads get no attention
-        attn = torch.softmax(q @ k.transpose(-1, -2) * (c // h) ** -0.5 + bias, dim=-1)
-        lang = (attn @ v).transpose(1, 2).reshape(b, n, c)
+        bias = ((1.0 - m) * PAD_LOGIT)[:, None, None, :].to(q.dtype)  # B x 1 x 1 x T: pads get no attention
+        lang = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=c**-0.5)  # B x h x N x d
+        lang = lang.transpose(1, 2).reshape(b, n, c)
         lang = self.out_norm(self.out(lang).transpose(1, 2)).transpose(1, 2)
         return self.mm_proj(self.vis_proj(vis) * lang)
 

@@ -20,13 +20,21 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 from semires.errors import SemiresError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# How a sentence longer than the token budget is cut:
+#   lavt:     the first max_tokens ids of ``[CLS] words [SEP]`` (LAVT's ``encode(...)[:20]``;
+#             a long sentence loses its [SEP])
+#   keep_sep: the first max_tokens - 1 ids, then [SEP]
+TRUNCATIONS = ("lavt", "keep_sep")
 
 
 class TextTokenizer:
     """Sentences -> fixed-length token ids and attention mask (``[CLS] words [SEP] [PAD]...``)."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, truncation: str = "lavt") -> None:
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation {truncation!r}: expected one of {', '.join(TRUNCATIONS)}")
         self._tok = tokenizer
+        self.truncation = truncation
         pad = tokenizer.token_to_id("[PAD]")
         if pad is None:
             raise SemiresError("the tokenizer has no [PAD] token; it is not a BERT WordPiece tokenizer")
@@ -41,14 +49,15 @@ class TextTokenizer:
     def encode(self, sentences: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, both ``B x max_tokens`` int64 (mask 1 on tokens, 0 on pads).
 
-        Sentences longer than ``max_tokens`` (special tokens included) are cut, keeping ``[SEP]``.
+        Sentences longer than ``max_tokens`` (special tokens included) are cut as
+        ``self.truncation`` says (:data:`TRUNCATIONS`).
         """
         ids = torch.full((len(sentences), max_tokens), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sentences), max_tokens), dtype=torch.long)
         for i, enc in enumerate(self._tok.encode_batch(list(sentences))):
             toks = enc.ids
             if len(toks) > max_tokens:
-                toks = [*toks[: max_tokens - 1], toks[-1]]
+                toks = toks[:max_tokens] if self.truncation == "lavt" else [*toks[: max_tokens - 1], toks[-1]]
             ids[i, : len(toks)] = torch.tensor(toks)
             mask[i, : len(toks)] = 1
         return ids, mask
@@ -57,8 +66,8 @@ class TextTokenizer:
         return self._tok.to_str()
 
     @classmethod
-    def from_str(cls, text: str) -> TextTokenizer:
-        return cls(Tokenizer.from_str(text))
+    def from_str(cls, text: str, truncation: str = "lavt") -> TextTokenizer:
+        return cls(Tokenizer.from_str(text), truncation)
 
     @classmethod
     def from_bert_dir(cls, path: str | Path) -> TextTokenizer:
