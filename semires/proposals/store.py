@@ -61,10 +61,11 @@ rows alone and resizes those; the rest of its output stays zero.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from semires.atomic import atomic_path
+from semires.atomic import as_write_error, atomic_path
 from semires.errors import SemiresError
 from semires.proposals.base import ATTR_FIELDS, Proposals
 
@@ -456,6 +457,20 @@ def _zarr() -> Any:
     return zarr
 
 
+@contextlib.contextmanager
+def _writing(path: str | Path) -> Iterator[None]:
+    """zarr's writes into the store at ``path``: a full disk or an unwritable folder is one
+    :class:`~semires.atomic.WriteError` naming the store (zarr's error names a temporary
+    file, or none at all)."""
+    try:
+        yield
+    except OSError as e:
+        fault = as_write_error(e, path)
+        if fault is None:
+            raise
+        raise fault from e
+
+
 def _compressors(level: int = 12) -> list[Any]:
     from zarr.codecs import ZstdCodec
 
@@ -477,36 +492,42 @@ def create(path: str | Path, layout: Layout, attributes: Mapping[str, Any]) -> N
             **layout.to_json(),
         }
     )
-    g = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
-    n, s, cap, m = layout.num_images, layout.shard_images, layout.capacity, layout.max_masks
-    ids = np.array([r[0] for r in layout.images], np.int64)
-    for name, values in (
-        ("image_id", ids),
-        ("height", np.array([r[1] for r in layout.images], np.int32)),
-        ("width", np.array([r[2] for r in layout.images], np.int32)),
-    ):
-        g.create_array(name, data=values, chunks=(max(n, 1),), compressors=_compressors())
-    g.create_array(
-        "num_masks", shape=(n,), dtype="int32", chunks=(max(n, 1),), compressors=_compressors(), fill_value=0
-    )
-    g.create_array(
-        "masks",
-        shape=(n, cap),
-        dtype="uint8",
-        chunks=(1, layout.chunk_bytes),
-        shards=(s, cap),
-        compressors=_compressors(19),  # the encoded rows are short: a high level costs little
-        fill_value=0,
-    )
-    g.create_array(
-        "attrs",
-        shape=(n, m, len(ATTR_FIELDS)),
-        dtype="float32",
-        chunks=(1, m, len(ATTR_FIELDS)),
-        shards=(s, m, len(ATTR_FIELDS)),
-        compressors=_compressors(),
-        fill_value=float("nan"),
-    )
+    with _writing(path):
+        g = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+        n, s, cap, m = layout.num_images, layout.shard_images, layout.capacity, layout.max_masks
+        ids = np.array([r[0] for r in layout.images], np.int64)
+        for name, values in (
+            ("image_id", ids),
+            ("height", np.array([r[1] for r in layout.images], np.int32)),
+            ("width", np.array([r[2] for r in layout.images], np.int32)),
+        ):
+            g.create_array(name, data=values, chunks=(max(n, 1),), compressors=_compressors())
+        g.create_array(
+            "num_masks",
+            shape=(n,),
+            dtype="int32",
+            chunks=(max(n, 1),),
+            compressors=_compressors(),
+            fill_value=0,
+        )
+        g.create_array(
+            "masks",
+            shape=(n, cap),
+            dtype="uint8",
+            chunks=(1, layout.chunk_bytes),
+            shards=(s, cap),
+            compressors=_compressors(19),  # the encoded rows are short: a high level costs little
+            fill_value=0,
+        )
+        g.create_array(
+            "attrs",
+            shape=(n, m, len(ATTR_FIELDS)),
+            dtype="float32",
+            chunks=(1, m, len(ATTR_FIELDS)),
+            shards=(s, m, len(ATTR_FIELDS)),
+            compressors=_compressors(),
+            fill_value=float("nan"),
+        )
 
 
 def write_shard(path: str | Path, layout: Layout, k: int, items: Sequence[ImageResult]) -> None:
@@ -532,8 +553,9 @@ def write_shard(path: str | Path, layout: Layout, k: int, items: Sequence[ImageR
             # the masks as a reader decodes them, so that it derives the very same values
             values = _xor_floats(values, mask_attrs(*decode_rows(row, n, h, w), n, h, w))
         attrs[j, :n] = values
-    g["masks"][rows.start : rows.stop] = block
-    g["attrs"][rows.start : rows.stop] = attrs
+    with _writing(path):
+        g["masks"][rows.start : rows.stop] = block
+        g["attrs"][rows.start : rows.stop] = attrs
 
 
 def finish(path: str | Path, num_masks: np.ndarray) -> None:
@@ -542,11 +564,12 @@ def finish(path: str | Path, num_masks: np.ndarray) -> None:
     zarr = _zarr()
     path = Path(path)
     g = zarr.open_group(str(path), mode="r+")
-    g["num_masks"][:] = np.asarray(num_masks, np.int32)
-    for leftover in path.rglob("*.partial"):  # zarr's temporary file of a writer killed mid-write
-        leftover.unlink()
-    digests = file_digests(path, data_files(path))
-    g.attrs.put(_sorted_json({**dict(g.attrs), "digests": digests}))
+    with _writing(path):
+        g["num_masks"][:] = np.asarray(num_masks, np.int32)
+        for leftover in path.rglob("*.partial"):  # zarr's temporary file of a writer killed mid-write
+            leftover.unlink()
+        digests = file_digests(path, data_files(path))
+        g.attrs.put(_sorted_json({**dict(g.attrs), "digests": digests}))
 
 
 def data_files(path: str | Path) -> list[str]:
