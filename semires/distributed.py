@@ -129,6 +129,9 @@ def run_torchrun(argv: Sequence[str]) -> int:
     launcher = os.environ.get(LAUNCHER_ENV)
     die_with_parent(int(launcher) if launcher else None)
     os.environ[AGENT_ENV] = str(os.getpid())
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", "1"
+    )  # what torchrun sets for several workers, without its warning
     # the agent logs every failure with a traceback of its own; the worker's line says it all
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -141,7 +144,8 @@ def run_torchrun(argv: Sequence[str]) -> int:
         codes = {rank: f.exitcode for rank, f in e.failures.items()}
         if 2 in codes.values():
             return 2
-        rank = min(codes)
+        # the first failure, not a worker torchrun stopped (SIGTERM) because of it
+        rank = min((r for r, c in codes.items() if c != -signal.SIGTERM), default=min(codes))
         print(
             f"semires: worker {rank} (pid {e.failures[rank].pid}) ended with {_signal_name(codes[rank])} "
             "(its output is above); the other workers were stopped",
