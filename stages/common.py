@@ -106,11 +106,11 @@ def exclusive_run(stage: str, scratch: Path, outputs: Sequence[Path]) -> Iterato
 
     folders = [scratch, *dict.fromkeys(p.parent for p in outputs)]
     first = not distributed.launched_worker() and int(os.environ.get("LOCAL_RANK", "0")) == 0
-    fd = None
+    lock, fd = scratch / ".lock", None
     if first:
         for folder in folders:
             check_writable(folder)
-        fd = _lock(scratch / ".lock", stage)
+        fd = _lock(lock, stage)
     try:
         yield
     except OSError as e:
@@ -123,22 +123,34 @@ def exclusive_run(stage: str, scratch: Path, outputs: Sequence[Path]) -> Iterato
         ) from e
     finally:
         if fd is not None:
+            with contextlib.suppress(OSError):
+                lock.unlink()  # before the unlock: a run that opens the file now finds it gone
             os.close(fd)
 
 
 def _lock(path: Path, stage: str) -> int:
     """An exclusive ``flock`` on ``path`` (held until the returned descriptor is closed or the
-    process ends, however it ends), or a :class:`SemiresError` naming the holder."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "a process"
-        os.close(fd)
-        raise SemiresError(
-            f"{path.parent}: another `semires {stage}` run ({holder}) is using this scratch folder; "
-            "wait for it to end or stop it (or give this run its own --scratch)"
-        ) from None
+    process ends, however it ends), or a :class:`SemiresError` naming the holder. The file
+    is removed when a run ends, so a lock taken on a file no longer at ``path`` is taken
+    again on the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "a process"
+            os.close(fd)
+            raise SemiresError(
+                f"{path.parent}: another `semires {stage}` run ({holder}) is using this scratch folder; "
+                "wait for it to end or stop it (or give this run its own --scratch)"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the run that held it ended and removed it meanwhile
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     return fd
