@@ -147,7 +147,7 @@ def check(ok: bool, key: str, value: Any, expected: str) -> None:
         _fail(key, value, expected)
 
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Loader = yaml.SafeLoader  # (the C loader words its errors less clearly; params files are small)
 _MERGE = "tag:yaml.org,2002:merge"
 
 

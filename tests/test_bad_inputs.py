@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -740,3 +741,20 @@ def test_a_loss_that_becomes_nan_stops_the_stage_with_one_line_naming_the_step(
     (checkpoint,) = (tmp_path / "scratch").glob("*/last.pt")
     assert m.group(2) == str(checkpoint)
     assert int(m.group(3)) == torch.load(checkpoint, weights_only=True)["step"] < int(m.group(1))
+
+
+def test_outputs_follow_the_umask(project):
+    """Teammates on a shared machine or DVC cache can read what a stage wrote: every file and
+    folder of the stages' outputs (a proposals store, checkpoints, DVCLive folders, splits,
+    annotations) has the modes the umask gives, not the 0600 / 0700 of a temporary file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    roots = [project / n for n in ("proposals.zarr", "burn_in", "split", "anns.json", "train_images.json")]
+    roots += [project / "outputs" / n for n in ("train-semi", "evaluate")]
+    wrong = []
+    for root in roots:
+        for p in [root, *root.rglob("*")]:
+            want = (0o777 if p.is_dir() else 0o666) & ~mask
+            if stat.S_IMODE(p.stat().st_mode) != want:
+                wrong.append(f"{p.relative_to(project)}: {stat.S_IMODE(p.stat().st_mode):o}")
+    assert not wrong, f"umask {mask:03o}: {wrong}"
