@@ -98,18 +98,21 @@ def exclusive_run(stage: str, scratch: Path, outputs: Sequence[Path]) -> Iterato
     race it (resume the same partial work, delete it under the first, move outputs into
     place twice), so it is refused with one line naming the holder. A worker started by
     :func:`semires.distributed.relaunch_under_torchrun` skips both (its launcher did them
-    and holds the lock for the whole run); under a bare torchrun the first process of each
-    machine does them. A write fault the machine raises during the run without naming a
-    file (a full disk under a logger's open file) is reported with these folders.
+    and holds the lock for the whole run); under a bare torchrun (several machines) the
+    first process of each machine checks the folders and rank 0 holds the lock (the
+    machines share the scratch folder: they write one store). A write fault the machine
+    raises during the run without naming a file (a full disk under a logger's open file) is
+    reported with these folders.
     """
     from semires import distributed  # only the stages that run under torchrun import torch here
 
     folders = [scratch, *dict.fromkeys(p.parent for p in outputs)]
-    first = not distributed.launched_worker() and int(os.environ.get("LOCAL_RANK", "0")) == 0
+    launched = distributed.launched_worker()
     lock, fd = scratch / ".lock", None
-    if first:
+    if not launched and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         for folder in folders:
             check_writable(folder)
+    if not launched and int(os.environ.get("RANK", "0")) == 0:
         fd = _lock(lock, stage)
     try:
         yield

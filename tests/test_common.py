@@ -80,7 +80,11 @@ def test_one_run_per_scratch_folder_and_the_lock_goes_with_the_run(tmp_path, mon
         monkeypatch.setenv("SEMIRES_AGENT_PID", "1")
         with exclusive_run("burn-in", scratch, [out]):
             pass
-        for k in ("RANK", "WORLD_SIZE", "SEMIRES_AGENT_PID"):
+        monkeypatch.delenv("SEMIRES_AGENT_PID")  # rank 1 on a second machine of a bare torchrun
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with exclusive_run("burn-in", scratch, [out]):
+            pass
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             monkeypatch.delenv(k)
     assert list(scratch.iterdir()) == [] and out.parent.is_dir()  # the output folder was checked
     with exclusive_run("burn-in", scratch, [out]):  # the next run
