@@ -4,6 +4,7 @@ machine into a message, and one run at a time per scratch folder."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import os
@@ -69,11 +70,16 @@ def _print_error(stage: str, e: BaseException) -> None:
 
 
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and write a byte in it, or fail naming it: a stage checks
-    its output folders before hours of work rather than at the end."""
+    """Write a byte in ``folder`` (in the nearest folder above it that exists, where it is
+    still to be made), or fail naming it: a stage checks its output folders before hours of
+    work rather than at the end. Nothing is left behind, not even a folder."""
+    there = folder
+    while not there.exists() and there != there.parent:
+        there = there.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".semires-write-check.", dir=folder)
+        if not there.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(there))
+        fd, name = tempfile.mkstemp(prefix=".semires-write-check.", dir=there)
         try:
             os.write(fd, b"x")
         finally:
@@ -113,6 +119,7 @@ def exclusive_run(stage: str, scratch: Path, outputs: Sequence[Path]) -> Iterato
         for folder in folders:
             check_writable(folder)
     if not launched and int(os.environ.get("RANK", "0")) == 0:
+        scratch.mkdir(parents=True, exist_ok=True)
         fd = _lock(lock, stage)
     try:
         yield

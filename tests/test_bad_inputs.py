@@ -678,7 +678,7 @@ def test_full_disk_and_read_only_folder_are_one_line_naming_the_path(project, tm
             line,
         )
     for k in ("ro-propose", "ro-burn-in"):  # refused before any work
-        assert [p.name for p in s[k].iterdir()] == [], k
+        assert not s[k].exists(), k
 
 
 @pytest.mark.skipif(
@@ -704,7 +704,7 @@ def test_read_only_output_folder_is_refused_before_any_work(project, tmp_path, c
         f"semires {cmd}: error: {out}: cannot write (Permission denied); make the folder writable, or write "
         "somewhere else, and rerun"
     ]
-    assert tree(out) == before and list(scratch.iterdir()) == []
+    assert tree(out) == before and not scratch.exists()
 
 
 def test_a_loss_that_becomes_nan_stops_the_stage_with_one_line_naming_the_step(

@@ -86,6 +86,6 @@ def test_one_run_per_scratch_folder_and_the_lock_goes_with_the_run(tmp_path, mon
             pass
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             monkeypatch.delenv(k)
-    assert list(scratch.iterdir()) == [] and out.parent.is_dir()  # the output folder was checked
+    assert list(scratch.iterdir()) == [] and not out.parent.exists()  # checked, not made
     with exclusive_run("burn-in", scratch, [out]):  # the next run
         pass
