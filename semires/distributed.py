@@ -129,9 +129,8 @@ def run_torchrun(argv: Sequence[str]) -> int:
     launcher = os.environ.get(LAUNCHER_ENV)
     die_with_parent(int(launcher) if launcher else None)
     os.environ[AGENT_ENV] = str(os.getpid())
-    os.environ.setdefault(
-        "OMP_NUM_THREADS", "1"
-    )  # what torchrun sets for several workers, without its warning
+    # what torchrun sets itself for several workers, but without its four-line warning
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     # the agent logs every failure with a traceback of its own; the worker's line says it all
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     from torch.distributed.elastic.multiprocessing.api import SignalException

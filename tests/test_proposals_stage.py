@@ -18,6 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from semires import annotations
+from semires.distributed import LAUNCHER_ENV
 from semires.proposals.base import cap, read_image
 from semires.proposals.offline import FelzenszwalbMultiscale
 from semires.proposals.store import ProposalStore
@@ -152,9 +153,20 @@ def test_killed_two_process_run_dies_whole_refuses_a_second_and_resumes_to_the_s
     total = len(annotations.load(proposals_project / "anns.json").images("train"))
     assert 1 <= done < total and not out.exists()
 
-    proc = _subprocess(args, nproc=2)
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, log
+    # the rerun's torchrun started as its launcher would start it (its launcher is not under test)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", LAUNCHER_ENV: str(os.getpid())}
+    cmd = [
+        sys.executable,
+        "-m",
+        "semires.distributed",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "stages.cli",
+    ]
+    rerun = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log
     assert "2 process(es)" in log and f"({total - done} computed now" in log  # the rest only
     assert _tree(out) == _tree(proposals_reference[0])
 

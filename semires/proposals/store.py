@@ -33,10 +33,10 @@ reader checks them all when it opens the store, hashing files on several threads
 RefCOCO-sized store, 16,994 images of SAM-like masks in 161 MB, opens in 0.9 s on two busy
 CPU cores: ``scripts/bench_store_verify.py``; a lazy check per shard would fail mid-run
 instead of before any work), so a shard that is missing, cut short, copied from another
-store or swapped with another reads as damaged, never as other images' masks. The digests depend on the bytes alone,
-which do not depend on the number of processes that wrote them.
+store or swapped with another reads as damaged, never as other images' masks. The digests
+depend on the bytes alone, which do not depend on the number of processes that wrote them.
 
-How a row of ``masks`` holds an image's masks (version 2; :func:`encode_masks`). A row of
+How a row of ``masks`` holds an image's masks (since version 2; :func:`encode_masks`). A row of
 mask pixels is stored as its *edges*: the columns ``x`` in ``0..W`` where a pixel differs from
 the one before it (outside the image counts as empty), so a row has an even number of edges
 and its runs of ones are ``[x_0, x_1), [x_2, x_3), ...``. Object masks are smooth blobs, so a
