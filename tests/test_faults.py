@@ -314,7 +314,8 @@ class Killed:
         return make(self.root, out_dir, scratch, params or self.params, **kw)
 
     def copy_scratch(self, dest: Path) -> Path:
-        shutil.copytree(self.scratch, dest)
+        """The killed run's partial work (not its lock file: a lock belongs to a process)."""
+        shutil.copytree(self.scratch, dest, ignore=shutil.ignore_patterns(".lock"))
         return dest
 
 
@@ -419,7 +420,7 @@ def _other_burn_in(project: Path, tmp: Path) -> Path:
 def test_other_configuration_starts_afresh_and_keeps_the_killed_scratch(stage, change, request, tmp_path):
     killed: Killed = request.getfixturevalue("killed_" + stage.replace("-", "_"))
     scratch = killed.copy_scratch(tmp_path / "scratch")
-    kept = sorted(p.name for p in scratch.iterdir() if p.name != ".lock")  # the killed run's lock file
+    kept = sorted(p.name for p in scratch.iterdir())
     if change == "learning rate":
         section = "burn_in" if stage == "burn-in" else "semi"
         params = yaml.safe_load(killed.params.read_text())
@@ -431,7 +432,7 @@ def test_other_configuration_starts_afresh_and_keeps_the_killed_scratch(stage, c
     log = must_succeed(args)
     assert "resumed" not in log, log
     assert weights(tmp_path / "out" / "model.pt")["step"] == STEPS
-    assert sorted(p.name for p in scratch.iterdir() if p.name != ".lock") == kept, (
+    assert sorted(p.name for p in scratch.iterdir()) == kept, (
         "the killed run's scratch must stay for its resume"
     )
 
