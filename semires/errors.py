@@ -7,3 +7,8 @@ class SemiresError(Exception):
     The message names the file, key or value at fault and says what to do about it. The
     command line prints it on one line and exits with a non-zero status.
     """
+
+
+class CollectiveError(SemiresError):
+    """A :class:`SemiresError` that every process of a distributed run raises at once, with
+    the same message (the ranks agreed on it): the first process alone prints it."""

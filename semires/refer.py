@@ -6,9 +6,16 @@ The layout, as the REFER toolkit expects it::
     <refer_root>/<dataset>/refs(<split_by>).p  a pickled list of ref dicts
 
 The refs pickle is read with a restricted unpickler that builds plain containers, strings
-and numbers only: a pickle that asks to import anything is refused, never executed.
+and numbers only: a pickle that asks to import anything is refused, never executed. The
+published pickles were written by Python 2, whose strings are bytes: each is decoded on its
+own, as UTF-8 or, failing that, as Latin-1 (one sentence in another encoding does not cost
+the file); a string that is neither (control bytes: not text) is an error naming its ref.
 Masks are built exactly as the REFER API's ``getMask`` builds them (the union of the
 annotation's polygons, or its RLE, crowd annotations included).
+
+What the files say is checked where a mistake would otherwise pass silently: image and
+annotation ids are unique, a referenced annotation's box is four finite numbers with a
+non-negative corner and size, and an image's ``file_name`` stays inside the image folder.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import json
 import math
 import pickle
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from pycocotools import mask as mask_utils
@@ -78,8 +85,8 @@ def load_refs_pickle(path: str | Path) -> list[dict[str, Any]]:
         )
     data = path.read_bytes()
     try:
-        # The published pickles were written by Python 2; their byte strings are ASCII/UTF-8.
-        refs = _PlainUnpickler(io.BytesIO(data), encoding="utf-8").load()
+        # Python 2's strings come back as bytes, decoded one by one below
+        refs = _PlainUnpickler(io.BytesIO(data), encoding="bytes").load()
     except _Refused as e:
         raise SemiresError(
             f"{path}: refused to read this pickle ({e}); a REFER refs file holds only "
@@ -95,6 +102,7 @@ def load_refs_pickle(path: str | Path) -> list[dict[str, Any]]:
             f"{path}: not a REFER refs pickle (expected a non-empty list of ref dicts, got "
             f"{type(refs).__name__}); replace it with the original refs file"
         )
+    refs = [_decoded(path, i, ref) for i, ref in enumerate(refs)]
     for i, ref in enumerate(refs):
         missing = [k for k in _REF_KEYS if not isinstance(ref, dict) or k not in ref]
         if missing:
@@ -111,6 +119,55 @@ def load_refs_pickle(path: str | Path) -> list[dict[str, Any]]:
                 "'raw'/'sent'); replace it with the original refs file"
             )
     return refs
+
+
+# Text has no control characters but tab and newlines: bytes that decode to others are not
+# a sentence in some encoding, but something else (binary data, a damaged file).
+_CONTROL = {c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)} | {0x7F} | set(range(0x80, 0xA0))
+
+
+def _text(raw: bytes) -> str | None:
+    """A Python 2 string: UTF-8 if it is, else Latin-1 if that gives text, else None."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+        return None if any(ord(c) in _CONTROL for c in text) else text
+
+
+def _decoded(path: Path, index: int, ref: Any) -> Any:
+    """Entry ``index`` of a refs pickle with every byte string decoded by :func:`_text`."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, bytes):
+            text = _text(value)
+            if text is None:
+                raise _NotText(value)
+            return text
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(walk(v) for v in value)
+        if isinstance(value, dict):
+            return {walk(k): walk(v) for k, v in value.items()}
+        return value
+
+    try:
+        return walk(ref)
+    except _NotText as e:
+        name = f"entry {index}"
+        if isinstance(ref, dict):
+            ref_id = ref.get("ref_id", ref.get(b"ref_id"))
+            if isinstance(ref_id, int):
+                name = f"ref {ref_id}"
+        raise SemiresError(
+            f"{path}: {name} holds a string that is neither UTF-8 nor Latin-1 text ({e.args[0][:40]!r}); "
+            "fix that string or replace the file with the original refs file"
+        ) from None
+
+
+class _NotText(Exception):
+    pass
 
 
 def load_instances(path: str | Path) -> dict[str, Any]:
@@ -193,17 +250,80 @@ def _sentence_text(sent: Mapping[str, Any]) -> str:
     return str(sent.get("raw", sent.get("sent", ""))).strip()
 
 
+def _unique_ids(entries: list[Any], what: str, path: Path) -> dict[int, Any]:
+    """``{id: entry}``, or an error naming an id that two entries share (a later one would
+    silently replace the earlier: refs would point at another image or object)."""
+    out: dict[int, Any] = {}
+    for entry in entries:
+        try:
+            key = int(entry["id"])
+        except (KeyError, TypeError, ValueError):
+            raise SemiresError(
+                f"{path}: an entry of {what!r} has no integer id ({str(entry)[:80]}); "
+                "replace it with the original instances.json"
+            ) from None
+        if key in out:
+            raise SemiresError(
+                f"{path}: {what} id {key} appears twice; ids must be unique (a later entry would replace "
+                "the first): replace it with the original instances.json"
+            )
+        out[key] = entry
+    return out
+
+
+def check_file_name(name: Any, where: str) -> str:
+    """``name`` as a path inside the image folder, or an error: an absolute path or a ``..``
+    would read a file outside ``dataset.image_dir`` (one DVC does not track)."""
+    if not isinstance(name, str) or not name.strip():
+        raise SemiresError(f"{where}: file_name {name!r} is not a file name; fix this image entry")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if (
+        posix.is_absolute()
+        or windows.is_absolute()
+        or windows.drive
+        or ".." in posix.parts
+        or ".." in windows.parts
+    ):
+        raise SemiresError(
+            f"{where}: file_name {name!r} points outside dataset.image_dir (an absolute path or '..'); "
+            "file names must be relative to the image folder: fix this image entry"
+        )
+    return name
+
+
+def check_bbox(bbox: Any, where: str) -> tuple[float, float, float, float]:
+    """A COCO box ``[x, y, w, h]``: four finite numbers, ``x, y >= 0``, ``w, h >= 0``."""
+    ok = (
+        isinstance(bbox, list | tuple)
+        and len(bbox) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+        and min(bbox) >= 0
+    )
+    if not ok:
+        raise SemiresError(
+            f"{where}: bbox {bbox!r} is not [x, y, width, height] of finite, non-negative numbers; "
+            "fix or drop this annotation"
+        )
+    return tuple(float(v) for v in bbox)  # type: ignore[return-value]
+
+
 def read_refer(refer_root: str | Path, dataset: str, split_by: str) -> Annotations:
     """Every ref of ``dataset`` (split scheme ``split_by``) with its image, sentences and mask."""
     check_dataset(dataset, split_by)
     refs_path, inst_path = refer_paths(refer_root, dataset, split_by)
     refs = load_refs_pickle(refs_path)
     inst = load_instances(inst_path)
-    images = {int(im["id"]): im for im in inst["images"]}
-    anns = {int(a["id"]): a for a in inst["annotations"]}
+    images = _unique_ids(inst["images"], "images", inst_path)
+    anns = _unique_ids(inst["annotations"], "annotations", inst_path)
+    seen_refs: set[int] = set()
     records: list[RefRecord] = []
     for ref in refs:
         where = f"{refs_path.name} ref {ref['ref_id']}"
+        if int(ref["ref_id"]) in seen_refs:
+            raise SemiresError(
+                f"{refs_path}: ref id {ref['ref_id']} appears twice; replace it with the original refs file"
+            )
+        seen_refs.add(int(ref["ref_id"]))
         ann = anns.get(int(ref["ann_id"]))
         if ann is None:
             raise SemiresError(
@@ -217,21 +337,24 @@ def read_refer(refer_root: str | Path, dataset: str, split_by: str) -> Annotatio
                 "instances files come from different releases"
             )
         h, w = int(image["height"]), int(image["width"])
-        rle = ann_to_rle(ann.get("segmentation"), h, w, where=f"{inst_path.name} annotation {ann['id']}")
+        file_name = check_file_name(image.get("file_name"), f"{inst_path} image {image['id']}")
+        ann_where = f"{inst_path.name} annotation {ann['id']}"
+        rle = ann_to_rle(ann.get("segmentation"), h, w, where=ann_where)
         sentences = tuple(_sentence_text(s) for s in ref["sentences"])
         sent_ids = tuple(int(s.get("sent_id", i)) for i, s in enumerate(ref["sentences"]))
-        bbox = ann.get("bbox") or mask_utils.toBbox(rle).tolist()
+        raw_bbox = ann.get("bbox")
+        bbox = check_bbox(raw_bbox, ann_where) if raw_bbox else tuple(mask_utils.toBbox(rle).tolist())
         records.append(
             RefRecord(
                 ref_id=int(ref["ref_id"]),
                 ann_id=int(ref["ann_id"]),
                 image_id=int(ref["image_id"]),
-                file_name=str(image["file_name"]),
+                file_name=file_name,
                 height=h,
                 width=w,
                 split=str(ref["split"]),
                 category_id=int(ref["category_id"]),
-                bbox=tuple(float(v) for v in bbox),
+                bbox=bbox,
                 sentences=sentences,
                 sent_ids=sent_ids,
                 mask=rle,

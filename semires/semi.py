@@ -48,6 +48,7 @@ from semires.train import (
     Evaluation,
     LoopConfig,
     LoopResult,
+    NonFiniteWatch,
     autocast,
     class_weight_tensor,
     evaluate,
@@ -457,6 +458,7 @@ def train_semi(
     count = 0
     final: Evaluation | None = None
     last_quality = first_quality
+    watch, saved = NonFiniteWatch(device), (start or None)
     step = start
     for lab, unl in zip(labeled_loader, unlabeled_loader, strict=True):
         lr = optimizer.param_groups[0]["lr"]
@@ -465,13 +467,19 @@ def train_semi(
             sums[k] = sums[k] + v if k in sums else v.clone()
         count += 1
         step += 1
+        watch.update(stats["loss"], step)  # on the device: no host sync
         last = step == cfg.steps
-        if on_metrics is not None and info.is_main and (step % cfg.log_every == 0 or last):
+        at_log = step % cfg.log_every == 0 or last
+        at_eval = last or bool(cfg.eval_every and step % cfg.eval_every == 0)
+        at_save = step == end or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if at_log or at_eval or at_save:
+            watch.check(scratch, saved)  # a non-finite loss is never logged, evaluated or saved
+        if on_metrics is not None and info.is_main and at_log:
             logged = {f"train/{k}": float(v) / count for k, v in sums.items()}  # the one sync per log
             logged["train/lr"] = lr
             on_metrics(step, logged)
             sums, count = {}, 0
-        if last or (cfg.eval_every and step % cfg.eval_every == 0):
+        if at_eval:
             if info.is_main:
                 if val_set is not None:
                     final = evaluate(unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size)
@@ -482,8 +490,9 @@ def train_semi(
                     row.update({f"pseudo/{k}": v for k, v in (q or {}).items()})
                     on_metrics(step, row)
             distributed.barrier()
-        if step == end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        if at_save:
             save(step)
+            saved = step
             distributed.barrier()
         if step == end:
             break

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
 import time
 import zipfile
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 from semires import distributed
 from semires.atomic import atomic_path
 from semires.data import ExpressionDataset, Sample, StepSampler
-from semires.errors import SemiresError
+from semires.errors import CollectiveError, SemiresError
 from semires.logits import difference, foreground, forward
 from semires.metrics import intersection_union, iou, summarize
 from semires.model.build import ModelSpec, build_from_spec
@@ -319,8 +320,25 @@ def save_checkpoint(
         obj["rng"] = rng
     if teacher is not None:
         obj["teacher"] = unwrap(teacher).state_dict()
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # the zip writer's message hides why a write failed (a full disk)
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(tmp)) from e
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError among the exceptions that led to ``e``, if any."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -451,6 +469,61 @@ def restore(
     return ckpt.step
 
 
+# --- non-finite losses --------------------------------------------------------------------
+
+
+class NonFiniteWatch:
+    """The first step whose loss was not finite (NaN or infinite), so that a run stops there
+    instead of training, evaluating and saving a broken model.
+
+    :meth:`update` keeps the step on the loss's device when the loss is a tensor: no host
+    sync per step (the teacher-student step has none). :meth:`check` reads it (one sync, and
+    one collective under DDP so that every rank stops together) and is called where the loop
+    syncs anyway: before logging, evaluating and saving a checkpoint, which is therefore
+    never written after a non-finite step.
+    """
+
+    _NONE = torch.iinfo(torch.int64).max
+
+    def __init__(self, device: torch.device) -> None:
+        self._first = torch.full((), self._NONE, dtype=torch.int64, device=device)
+        self._host: int | None = None  # a loss already on the host (a float)
+
+    def update(self, loss: torch.Tensor | float, step: int) -> None:
+        """Note the loss of ``step`` (1-based: the step just taken)."""
+        if isinstance(loss, torch.Tensor):
+            bad = ~torch.isfinite(loss.detach())
+            self._first = torch.where(bad, torch.clamp(self._first, max=step), self._first)
+        elif self._host is None and not math.isfinite(loss):
+            self._host = step
+
+    def first_step(self) -> int | None:
+        """The first non-finite step of any rank, or None (a host sync; a collective under DDP)."""
+        first = self._first
+        if self._host is not None:
+            first = torch.clamp(first, max=self._host)
+        if torch.distributed.is_initialized():
+            first = first.clone()
+            if torch.distributed.get_backend() == "nccl" and first.device.type != "cuda":
+                first = first.cuda()
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        value = int(first)
+        return None if value == self._NONE else value
+
+    def check(self, scratch: Path, saved: int | None) -> None:
+        """Raise on every rank if a step's loss was not finite; ``saved``: the step of the
+        checkpoint at ``scratch`` (None: none yet)."""
+        step = self.first_step()
+        if step is None:
+            return
+        kept = f"{scratch} (step {saved}) stays" if saved is not None else "none was saved yet"
+        raise CollectiveError(
+            f"the training loss became non-finite (NaN or infinite) at step {step}; the run stopped "
+            f"without saving a checkpoint after it, and the last good checkpoint {kept}: lower the "
+            "learning rate or check the inputs, then rerun"
+        )
+
+
 # --- the supervised loop -------------------------------------------------------------------
 
 
@@ -542,6 +615,7 @@ def train_supervised(
                 optimizer=optimizer, scheduler=scheduler, rng={"ranks": states},
             )  # fmt: skip
 
+    watch, saved = NonFiniteWatch(device), (start or None)
     step = start
     for batch in loader:
         # batch, step
@@ -550,21 +624,28 @@ def train_supervised(
             supervised_step(net, batch, optimizer, scheduler, class_weights=cfg.class_weights, device=device)
         )
         step += 1
+        watch.update(losses[-1], step)
         last = step == cfg.steps
+        at_log = step % cfg.log_every == 0 or last
+        at_eval = val_set is not None and (last or bool(cfg.eval_every and step % cfg.eval_every == 0))
+        at_save = step == end or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if at_log or at_eval or at_save:
+            watch.check(scratch, saved)  # a non-finite loss is never logged, evaluated or saved
         # log
-        if on_metrics is not None and info.is_main and (step % cfg.log_every == 0 or last):
+        if on_metrics is not None and info.is_main and at_log:
             on_metrics(step, {"train/loss": float(np.mean(losses)), "train/lr": lr})
             losses = []
         # evaluate
-        if val_set is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+        if at_eval:
             if info.is_main:
                 final = evaluate(model, val_set, device=device, batch_size=cfg.eval_batch_size)
                 if on_metrics is not None:
                     on_metrics(step, {f"val/{k}": v for k, v in final.metrics.items() if k != "count"})
             distributed.barrier()
         # save
-        if step == end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        if at_save:
             save(step)
+            saved = step
             distributed.barrier()
         if step == end:
             break

@@ -27,6 +27,7 @@ from stages.common import (
     ParamsOption,
     ResumeOption,
     ScratchOption,
+    exclusive_run,
     log,
     open_live,
     stage_command,
@@ -80,6 +81,10 @@ class ModelParams:
         )
 
 
+MAX_STEPS = 100_000_000  # 2,500 times the paper's 40,000: a larger count is a typo, not a plan
+MAX_BATCH = 4096
+
+
 @dataclasses.dataclass(frozen=True)
 class BurnInParams:
     """burn_in.*: supervised training on the labeled images (paper values by default)."""
@@ -99,13 +104,16 @@ class BurnInParams:
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "burn_in.steps", self.steps, "expected at least 1 step")
+        check(self.steps <= MAX_STEPS, "burn_in.steps", self.steps, f"expected 1..{MAX_STEPS:,} steps")
         check(
-            self.max_epochs is None or self.max_epochs > 0,
+            self.max_epochs is None or 0 < self.max_epochs <= MAX_STEPS,
             "burn_in.max_epochs",
             self.max_epochs,
             "expected null (burn_in.steps alone) or a positive number of passes over the labeled refs",
         )
         check(self.batch_size >= 1, "burn_in.batch_size", self.batch_size, "expected a positive batch size")
+        check(self.batch_size <= MAX_BATCH, "burn_in.batch_size", self.batch_size, f"expected 1..{MAX_BATCH}")
+        check(0 <= self.seed < 2**32, "burn_in.seed", self.seed, "expected a seed in [0, 2**32)")
         check(0 < self.lr < 1, "burn_in.lr", self.lr, "expected a learning rate in (0, 1), e.g. 5e-5")
         check(
             0 <= self.weight_decay < 1,
@@ -221,15 +229,16 @@ def burn_in(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Train LAVT on the labeled refs of one label fraction (AdamW, poly decay, weighted CE)."""
-    distributed.relaunch_under_torchrun()
     mp = section(params, "model", ModelParams)
     bp = section(params, "burn_in", BurnInParams)
     dp = section(params, "dataset", DatasetParams)
-    info = distributed.init()
-    try:
-        _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp, bp, dp)
-    finally:
-        distributed.shutdown()
+    with exclusive_run("burn-in", scratch_root, [out, live_dir]):
+        distributed.relaunch_under_torchrun()
+        info = distributed.init()
+        try:
+            _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp, bp, dp)
+        finally:
+            distributed.shutdown()
 
 
 def _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp, bp, dp) -> None:

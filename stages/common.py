@@ -1,16 +1,25 @@
-"""What every stage command shares: the --params option and turning bad input into a message."""
+"""What every stage command shares: the --params option, turning bad input and faults of the
+machine into a message, and one run at a time per scratch folder."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
+import os
+import shutil
+import socket
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
-from semires.errors import SemiresError
+from semires.atomic import WriteError, as_write_error
+from semires.errors import CollectiveError, SemiresError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -29,7 +38,10 @@ ResumeOption = Annotated[
 
 
 def stage_command(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Run a stage; a :class:`SemiresError` becomes one line on stderr and exit status 2."""
+    """Run a stage; a :class:`SemiresError`, or a write the machine refused (a full disk, a
+    read-only folder), becomes one line on stderr and exit status 2. Of an error that every
+    process of a distributed run raised together (:class:`CollectiveError`), rank 0 prints
+    the line and the others exit quietly."""
 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
@@ -37,13 +49,121 @@ def stage_command(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return fn(*args, **kwargs)
             except SemiresError as e:
-                one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-                print(f"semires {name}: error: {one_line}", file=sys.stderr)
+                if not (isinstance(e, CollectiveError) and os.environ.get("RANK", "0") != "0"):
+                    _print_error(name, e)
+                raise typer.Exit(2) from None
+            except (OSError, shutil.Error) as e:
+                fault = as_write_error(e)
+                if fault is None:
+                    raise
+                _print_error(name, fault)
                 raise typer.Exit(2) from None
 
         return run
 
     return wrap
+
+
+def _print_error(stage: str, e: BaseException) -> None:
+    one_line = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"semires {stage}: error: {one_line}", file=sys.stderr, flush=True)
+
+
+def check_writable(folder: Path) -> None:
+    """Write a byte in ``folder`` (in the nearest folder above it that exists, where it is
+    still to be made), or fail naming it: a stage checks its output folders before hours of
+    work rather than at the end. Nothing is left behind, not even a folder."""
+    there = folder
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    try:
+        if not there.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(there))
+        fd, name = tempfile.mkstemp(prefix=".semires-write-check.", dir=there)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as e:
+        fault = as_write_error(e, folder)
+        if fault is None:
+            raise SemiresError(
+                f"{folder}: cannot write to this folder ({e.strerror or e}); fix it and rerun"
+            ) from e
+        raise fault from e
+
+
+@contextlib.contextmanager
+def exclusive_run(stage: str, scratch: Path, outputs: Sequence[Path]) -> Iterator[None]:
+    """One run of ``stage`` at a time per scratch folder, with its output folders writable.
+
+    Before any work, ``scratch`` and the folder of every path in ``outputs`` must take a
+    write (one line names the first that does not). Then the run holds an exclusive lock
+    on ``scratch/.lock`` until it ends: a second run with the same scratch folder would
+    race it (resume the same partial work, delete it under the first, move outputs into
+    place twice), so it is refused with one line naming the holder. A worker started by
+    :func:`semires.distributed.relaunch_under_torchrun` skips both (its launcher did them
+    and holds the lock for the whole run); under a bare torchrun (several machines) the
+    first process of each machine checks the folders and rank 0 holds the lock (the
+    machines share the scratch folder: they write one store). A write fault the machine
+    raises during the run without naming a file (a full disk under a logger's open file) is
+    reported with these folders.
+    """
+    from semires import distributed  # only the stages that run under torchrun import torch here
+
+    folders = [scratch, *dict.fromkeys(p.parent for p in outputs)]
+    launched = distributed.launched_worker()
+    lock, fd = scratch / ".lock", None
+    if not launched and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        for folder in folders:
+            check_writable(folder)
+    if not launched and int(os.environ.get("RANK", "0")) == 0:
+        scratch.mkdir(parents=True, exist_ok=True)
+        fd = _lock(lock, stage)
+    try:
+        yield
+    except OSError as e:
+        fault = as_write_error(e)
+        if fault is None or e.filename is not None:
+            raise
+        raise WriteError(
+            f"{', '.join(map(str, folders))}: a write failed ({e.strerror}); free space on that disk "
+            "(or make the folders writable) and rerun"
+        ) from e
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                lock.unlink()  # before the unlock: a run that opens the file now finds it gone
+            os.close(fd)
+
+
+def _lock(path: Path, stage: str) -> int:
+    """An exclusive ``flock`` on ``path`` (held until the returned descriptor is closed or the
+    process ends, however it ends), or a :class:`SemiresError` naming the holder. The file
+    is removed when a run ends, so a lock taken on a file no longer at ``path`` is taken
+    again on the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "a process"
+            os.close(fd)
+            raise SemiresError(
+                f"{path.parent}: another `semires {stage}` run ({holder}) is using this scratch folder; "
+                "wait for it to end or stop it (or give this run its own --scratch)"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the run that held it ended and removed it meanwhile
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
 
 
 def log(stage: str, message: str) -> None:

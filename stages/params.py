@@ -5,12 +5,20 @@ stage does not read never stops it. A section read by one stage only is defined 
 stage's module (``stages/<stage>.py``), so editing it reruns that stage alone under DVC; this
 module holds the machinery and the sections several stages share. A wrong key, type or range raises a
 :class:`~semires.errors.SemiresError` that names the key (``split.fractions[2]``), the value
-and what is allowed.
+(an excerpt of it, however large) and what is allowed.
+
+Nothing falls back silently: a section that a stage reads must be there (``{}`` asks for the
+built-in defaults), a key written twice is an error, numbers must be finite, and integers
+fit in 64 bits (a section's own checks give tighter ranges where a value means work, e.g.
+steps).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -21,14 +29,31 @@ import yaml
 from semires.errors import SemiresError
 
 T = TypeVar("T")
+INT64 = (-(2**63), 2**63 - 1)
 
 
 class ParamError(SemiresError):
     pass
 
 
+def _excerpt_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
+    return r
+
+
+_EXCERPT = _excerpt_repr()
+
+
+def excerpt(value: Any, limit: int = 120) -> str:
+    """``repr(value)``, shortened: a value built from YAML aliases can be exponentially large."""
+    text = _EXCERPT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _fail(key: str, value: Any, expected: str) -> typing.NoReturn:
-    raise ParamError(f"params.yaml: {key} = {value!r}: {expected}")
+    raise ParamError(f"params.yaml: {key} = {excerpt(value)}: {expected}")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -51,7 +76,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             _fail(key, value, "expected a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            _fail(key, value, "expected a finite number (not .nan or .inf)")
+        return number
     if tp is str:
         if not isinstance(value, str) or not value:
             _fail(key, value, "expected a non-empty string")
@@ -71,14 +102,25 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             _fail(key, value, "expected a mapping")
         return {_coerce(f"{key}", k, args[0]): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
+        if value is None:
+            _fail(key, value, "expected a mapping of keys to values (leave the key out for the defaults)")
         return from_dict(tp, value, key)
     raise TypeError(f"unsupported params type {tp!r} for {key}")
 
 
+def _check_int64(key: str, value: Any) -> None:
+    """Integers anywhere in ``value`` fit in 64 bits (torch, numpy and the samplers need it)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not INT64[0] <= value <= INT64[1]:
+            _fail(key, value, "expected an integer in [-2**63, 2**63 - 1]")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_int64(f"{key}[{i}]", v)
+
+
 def from_dict(cls: type[T], data: Any, prefix: str) -> T:
-    """Build the dataclass ``cls`` from a mapping, checking keys and types; defaults fill gaps."""
-    if data is None:
-        data = {}
+    """Build the dataclass ``cls`` from a mapping, checking keys and types; defaults fill gaps
+    (keys left out of a section)."""
     if not isinstance(data, dict):
         _fail(prefix, data, "expected a mapping of keys to values")
     hints = typing.get_type_hints(cls)
@@ -91,9 +133,12 @@ def from_dict(cls: type[T], data: Any, prefix: str) -> T:
         )
     kwargs = {k: _coerce(f"{prefix}.{k}", v, hints[k]) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)  # its own checks first: they name a tighter range
     except TypeError as e:  # a key without default is missing
         raise ParamError(f"params.yaml: {prefix}: {e}") from e
+    for k, v in kwargs.items():
+        _check_int64(f"{prefix}.{k}", v)
+    return obj
 
 
 def check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -102,22 +147,73 @@ def check(ok: bool, key: str, value: Any, expected: str) -> None:
         _fail(key, value, expected)
 
 
+_Loader = yaml.SafeLoader  # (the C loader words its errors less clearly; params files are small)
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _no_duplicate_keys(path: Path, node: yaml.Node, key: str, seen: set[int]) -> None:
+    """Fail naming the first key written twice in one mapping (YAML would keep the last).
+    Each node is visited once: aliases share nodes, and a graph of them can stand for an
+    exponentially large value."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for k, v in node.value:
+            name = k.value if isinstance(k, yaml.ScalarNode) else None
+            here = f"{key}.{name}" if key else str(name)
+            if name is not None and k.tag != _MERGE:
+                line = k.start_mark.line + 1
+                if name in lines:
+                    raise SemiresError(
+                        f"{path}: line {line}: key {here} is written twice (also on line {lines[name]}); "
+                        "YAML would silently keep the last one: keep one"
+                    )
+                lines[name] = line
+            _no_duplicate_keys(path, v, here, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _no_duplicate_keys(path, v, f"{key}[{i}]", seen)
+
+
 def read_params(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SemiresError(f"{path}: params file not found; run from the project folder or pass --params")
+    loader = _Loader(path.read_text(encoding="utf-8"))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        node = loader.get_single_node()
+        if node is not None:
+            _no_duplicate_keys(path, node, "", set())
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         raise SemiresError(f"{path}: not valid YAML ({e})") from e
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise SemiresError(f"{path}: expected a mapping of sections (synth, dataset, split, ...)")
     return data
 
 
 def section(path: str | Path, name: str, cls: type[T]) -> T:
-    """Section ``name`` of the params file at ``path``, as a checked ``cls``."""
-    return from_dict(cls, read_params(path).get(name), name)
+    """Section ``name`` of the params file at ``path``, as a checked ``cls``. The section must
+    be there: a stage never runs on built-in defaults because its section is missing,
+    misspelled or null (``name: {}`` asks for the defaults)."""
+    data = read_params(path)
+    if name not in data:
+        close = difflib.get_close_matches(name, [k for k in data if isinstance(k, str)], n=1, cutoff=0.6)
+        hint = f" (is `{close[0]}` a misspelling of it?)" if close else ""
+        raise ParamError(
+            f"{path}: no `{name}` section{hint}; this stage reads it: add `{name}:` with its keys "
+            f"(the shipped params.yaml lists them), or `{name}: {{}}` for the built-in defaults"
+        )
+    if data[name] is None:
+        raise ParamError(
+            f"{path}: the `{name}` section is empty (null); this stage reads it: give it its keys (the "
+            f"shipped params.yaml lists them), or write `{name}: {{}}` for the built-in defaults"
+        )
+    return from_dict(cls, data[name], name)
 
 
 # --- shared by several stages ------------------------------------------------------------

@@ -33,7 +33,7 @@ from semires.proposals import store
 from semires.proposals.base import Backend, cap, file_sha256, read_image
 from semires.proposals.sam import IMPLEMENTATIONS as SAM_IMPLEMENTATIONS
 from semires.proposals.store import ImageResult, Layout, Scratch
-from stages.common import DEFAULT_PARAMS, ParamsOption, log, stage_command
+from stages.common import DEFAULT_PARAMS, ParamsOption, exclusive_run, log, stage_command
 from stages.params import DatasetParams, check, section
 
 PROPOSAL_BACKENDS = ("felzenszwalb-multiscale", "sam", "sam2")
@@ -207,15 +207,16 @@ def propose(
     p = section(params, "proposals", ProposalsParams)
     d = section(params, "dataset", DatasetParams)
     dataset, images = annotations.load_images(images_path)
-    distributed.relaunch_under_torchrun()
-    info = distributed.init()
-    if info.device.type == "cpu" and info.world_size > 1:  # share the cores, do not oversubscribe
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    try:
-        _propose(dataset, images, p, Path(d.image_dir), out, scratch, info)
-    finally:
-        distributed.shutdown()
+    with exclusive_run("propose", scratch, [out]):
+        distributed.relaunch_under_torchrun()
+        info = distributed.init()
+        if info.device.type == "cpu" and info.world_size > 1:  # share the cores, do not oversubscribe
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        try:
+            _propose(dataset, images, p, Path(d.image_dir), out, scratch, info)
+        finally:
+            distributed.shutdown()
 
 
 def _propose(

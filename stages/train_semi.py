@@ -30,7 +30,7 @@ from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig
 from semires.semi import SemiConfig, UnlabeledDataset, train_semi
 from semires.train import load_model, save_checkpoint, train_supervised
-from stages.burn_in import loop_config, read_labeled
+from stages.burn_in import MAX_BATCH, MAX_STEPS, loop_config, read_labeled
 from stages.common import (
     DEFAULT_PARAMS,
     AnnsOption,
@@ -38,6 +38,7 @@ from stages.common import (
     ParamsOption,
     ResumeOption,
     ScratchOption,
+    exclusive_run,
     log,
     open_live,
     stage_command,
@@ -136,9 +137,14 @@ class SemiParams:
             except ValueError:
                 check(False, f"semi.methods[{i}]", m, f"expected one of {METHODS_HELP}")
         check(len(set(self.methods)) == len(self.methods), "semi.methods", self.methods, "names repeat")
-        check(self.steps >= 1, "semi.steps", self.steps, "expected at least 1 step")
+        check(1 <= self.steps <= MAX_STEPS, "semi.steps", self.steps, f"expected 1..{MAX_STEPS:,} steps")
         for key in ("batch_size", "unlabeled_batch_size", "log_every", "checkpoint_every"):
             check(getattr(self, key) >= 1, f"semi.{key}", getattr(self, key), "expected a positive integer")
+        for key in ("batch_size", "unlabeled_batch_size"):
+            check(
+                getattr(self, key) <= MAX_BATCH, f"semi.{key}", getattr(self, key), f"expected 1..{MAX_BATCH}"
+            )
+        check(0 <= self.seed < 2**32, "semi.seed", self.seed, "expected a seed in [0, 2**32)")
         check(0 < self.lr < 1, "semi.lr", self.lr, "expected a learning rate in (0, 1)")
         check(0 <= self.weight_decay < 1, "semi.weight_decay", self.weight_decay, "expected [0, 1)")
         check(self.poly_power > 0, "semi.poly_power", self.poly_power, "expected a positive power")
@@ -201,19 +207,20 @@ def train_semi_command(
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Train a student on labeled and SAM-refined pseudo-labeled data (or the fair control)."""
-    distributed.relaunch_under_torchrun()
     sp = section(params, "semi", SemiParams)
     dp = section(params, "dataset", DatasetParams)
     try:
         parse_method(method)
     except ValueError:
         raise SemiresError(f"--method {method!r}: expected one of {METHODS_HELP}") from None
-    info = distributed.init()
-    try:
-        _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, proposals, anns_path,
-               scratch_root, resume, sp, dp)  # fmt: skip
-    finally:
-        distributed.shutdown()
+    with exclusive_run("train-semi", scratch_root, [out, live_dir, quality_path]):
+        distributed.relaunch_under_torchrun()
+        info = distributed.init()
+        try:
+            _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, proposals, anns_path,
+                   scratch_root, resume, sp, dp)  # fmt: skip
+        finally:
+            distributed.shutdown()
 
 
 def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, proposals, anns_path,

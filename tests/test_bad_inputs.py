@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,10 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 from semires import annotations
 from semires.proposals import store
 from semires.proposals.store import ImageResult, Layout, ProposalStore
+from semires.refer import load_refs_pickle as read_refs
 
 from .conftest import REPO
 from .test_faults import (
@@ -215,6 +220,72 @@ def hostile_pickle(root: Path, tmp: Path) -> Setup:
     return Setup(extract_args(tmp / "out", params), [str(refs)])
 
 
+def instances_case(how: str) -> Spoil:
+    """``extract`` on a copy of the REFER files whose instances.json (or an image) is spoiled
+    where the first ref points."""
+
+    def spoil(root: Path, tmp: Path) -> Setup:
+        refer = tmp / "refer"
+        shutil.copytree(root / "refer" / "synthref", refer / "synthref")
+        images = tmp / "images"
+        shutil.copytree(root / "refer" / "images" / "synthref", images)
+        path = refer / "synthref" / "instances.json"
+        inst = json.loads(path.read_text())
+        ref = read_refs(refer / "synthref" / "refs(unc).p")[0]
+        image = next(im for im in inst["images"] if im["id"] == ref["image_id"])
+        ann = next(a for a in inst["annotations"] if a["id"] == ref["ann_id"])
+        names = [str(path)]
+        if how == "image of another size":
+            Image.new("RGB", (image["width"] + 8, image["height"])).save(images / image["file_name"])
+            names = [str(images / image["file_name"])]
+        elif how == "image missing":
+            (images / image["file_name"]).unlink()
+            names = [str(images / image["file_name"])]
+        elif how == "file_name with ..":
+            image["file_name"] = "../" + image["file_name"]
+        elif how == "duplicate image id":
+            other = next(im for im in inst["images"] if im["id"] != image["id"])
+            inst["images"].append({**other, "id": image["id"]})
+        else:  # a NaN box
+            ann["bbox"] = [ann["bbox"][0], float("nan"), *ann["bbox"][2:]]
+            names = [f"annotation {ann['id']}"]
+        path.write_text(json.dumps(inst))
+        params = write_params(
+            tmp / "params.yaml",
+            base_params(root),
+            dataset__refer_root=str(refer),
+            dataset__image_dir=str(images),
+        )
+        return Setup(extract_args(tmp / "out", params), names)
+
+    return spoil
+
+
+def yaml_case(cmd: str, edit: Callable[[str], str], name: str) -> Spoil:
+    """``cmd`` with the project's params file edited as text (e.g. a key written twice)."""
+
+    def spoil(root: Path, tmp: Path) -> Setup:
+        params = tmp / "params.yaml"
+        params.write_text(edit(yaml.safe_dump(base_params(root))))
+        return Setup(command(cmd, root, tmp, params), [name])
+
+    return spoil
+
+
+def doc_case(cmd: str, edit: Callable[[dict], object], name: str) -> Spoil:
+    """``cmd`` with the project's params edited as a document (a section null, misspelled or
+    gone, a value only YAML writes, such as .nan)."""
+
+    def spoil(root: Path, tmp: Path) -> Setup:
+        doc = base_params(root)
+        edit(doc)
+        params = tmp / "params.yaml"
+        params.write_text(yaml.safe_dump(doc))
+        return Setup(command(cmd, root, tmp, params), [name])
+
+    return spoil
+
+
 def command(cmd: str, root: Path, tmp: Path, params: Path | None = None, **inputs) -> list:
     """``cmd``'s arguments with its outputs in ``tmp/out`` and its scratch in ``tmp/scratch``."""
     out, scratch, params = tmp / "out", tmp / "scratch", params or root / "params.yaml"
@@ -353,6 +424,73 @@ CASES = {
     "extract: refs pickle that imports code": Case(
         "extract", hostile_pickle, "refused to read this pickle", "replace it with the original refs file"
     ),
+    "extract: an image of another size than instances.json says": Case(
+        "extract",
+        instances_case("image of another size"),
+        "the annotations say",
+        "dataset.image_dir must hold the images the annotations were made from",
+    ),
+    "extract: an image missing": Case(
+        "extract", instances_case("image missing"), "image not found", "check dataset.image_dir"
+    ),
+    "extract: file_name with ../": Case(
+        "extract",
+        instances_case("file_name with .."),
+        "points outside dataset.image_dir",
+        "fix this image entry",
+    ),
+    "extract: an image id written twice": Case(
+        "extract", instances_case("duplicate image id"), "appears twice", "replace it with the original"
+    ),
+    "extract: a NaN box": Case(
+        "extract", instances_case("NaN bbox"), "is not [x, y, width, height]", "fix or drop this annotation"
+    ),
+    # params: nothing silent
+    "burn-in: burn_in.class_weights [.inf, 1]": Case(
+        "burn-in",
+        params_case("burn-in", burn_in__class_weights=[float("inf"), 1.0]),
+        "= inf",
+        "expected a finite number",
+    ),
+    "train-semi: semi.unsup_weight .inf": Case(
+        "train-semi", params_case("train-semi", semi__unsup_weight=float("inf")), "= inf", "expected a finite"
+    ),
+    "train-semi: semi.refine.pwa_offset .nan": Case(
+        "train-semi",
+        doc_case("train-semi", lambda d: d["semi"].update(refine={"pwa_offset": float("nan")}), "pwa_offset"),
+        "semi.refine.pwa_offset = nan",
+        "expected a finite number",
+    ),
+    "burn-in: burn_in.steps 10**30": Case(
+        "burn-in",
+        params_case("burn-in", burn_in__steps=10**30),
+        "= 1000000000000000000000000000000",
+        "expected 1..100,000,000 steps",
+    ),
+    "burn-in: the burn_in section null": Case(
+        "burn-in",
+        doc_case("burn-in", lambda d: d.update(burn_in=None), "burn_in"),
+        "the `burn_in` section is empty (null)",
+        "`burn_in: {}` for the built-in defaults",
+    ),
+    "burn-in: the burn_in section misspelled": Case(
+        "burn-in",
+        doc_case("burn-in", lambda d: d.update(burnin=d.pop("burn_in")), "burn_in"),
+        "no `burn_in` section (is `burnin` a misspelling of it?)",
+        "add `burn_in:` with its keys",
+    ),
+    "propose: no proposals section": Case(
+        "propose",
+        doc_case("propose", lambda d: d.pop("proposals"), "proposals"),
+        "no `proposals` section",
+        "add `proposals:` with its keys",
+    ),
+    "train-semi: a key written twice": Case(
+        "train-semi",
+        yaml_case("train-semi", lambda t: t.replace("semi:\n", "semi:\n  steps: 3\n"), "semi.steps"),
+        "is written twice",
+        "keep one",
+    ),
 }
 
 
@@ -447,3 +585,177 @@ def test_images_without_proposals_train_with_pwa_instead_of_failing(project, tmp
     quality = json.loads((out / "pseudo_labels.json").read_text())["cpi_pwa/50"]
     for when in ("start", "end"):  # images without proposals: unmatched, trained with PWA weights
         assert quality[when]["match_rate"] < 100 and quality[when]["pwa_share"] > 0, quality
+
+
+# --- faults of the machine: a read-only output folder, a full disk ------------------------------
+
+READ_ONLY = (
+    "cannot write (Read-only file system); make the folder writable, or write somewhere else, and rerun"
+)
+NO_SPACE = "cannot write (No space left on device); free space on that disk (or raise the quota) and rerun"
+
+
+def _user_namespaces() -> bool:
+    """Whether this machine lets an unprivileged process mount in a namespace of its own."""
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode == 0
+
+
+def _out_copy(project: Path, cmd: str, dest: Path) -> Path:
+    shutil.copytree(project / "outputs" / cmd, dest)
+    return dest
+
+
+@pytest.mark.skipif(not _user_namespaces(), reason="needs `unshare -Urm` (user namespaces) to mount a tmpfs")
+def test_full_disk_and_read_only_folder_are_one_line_naming_the_path(project, tmp_path):
+    """Real faults: a read-only bind mount, a tmpfs full at the start and one that fills up
+    mid-run. propose and burn-in check their folders before any work; a disk that fills
+    later stops the run with one line naming the file; earlier outputs stay as they were."""
+    params = project / "params.yaml"
+    ro_propose = _out_copy(project, "propose", tmp_path / "ro-propose")
+    ro_burn_in = _out_copy(project, "burn-in", tmp_path / "ro-burn-in")
+    out_burn_in = _out_copy(project, "burn-in", tmp_path / "out-burn-in")
+    out_propose = _out_copy(project, "propose", tmp_path / "out-propose")
+    s = {k: tmp_path / f"scratch-{k}" for k in ("ro-propose", "ro-burn-in", "full", "fills", "fills-propose")}
+    cases = [
+        {
+            "name": "propose: read-only output folder",
+            "mounts": [{"kind": "ro", "path": str(ro_propose)}],
+            "args": propose_args(project, ro_propose / "proposals.zarr", s["ro-propose"], params),
+            "unchanged": [str(ro_propose)],
+        },
+        {
+            "name": "burn-in: read-only output folder",
+            "mounts": [{"kind": "ro", "path": str(ro_burn_in)}],
+            "args": burn_in_args(project, ro_burn_in, s["ro-burn-in"], params),
+            "unchanged": [str(ro_burn_in)],
+        },
+        {
+            "name": "propose: disk full at the start",
+            "mounts": [{"kind": "tmpfs", "path": str(s["full"]), "size": "64k", "fill": True}],
+            "args": propose_args(project, out_propose / "proposals.zarr", s["full"], params),
+            "unchanged": [str(out_propose)],
+        },
+        {
+            "name": "burn-in: disk fills mid-run",
+            "mounts": [{"kind": "tmpfs", "path": str(s["fills"]), "size": "64k"}],
+            "args": burn_in_args(project, out_burn_in, s["fills"], params),
+            "unchanged": [str(out_burn_in)],
+        },
+        {
+            "name": "propose: disk fills mid-run",
+            "mounts": [{"kind": "tmpfs", "path": str(s["fills-propose"]), "size": "16k"}],
+            "args": propose_args(project, out_propose / "proposals.zarr", s["fills-propose"], params),
+            "unchanged": [str(out_propose)],
+        },
+    ]
+    for case in cases:
+        case["args"] = [str(a) for a in case["args"]]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = {k: v for k, v in os.environ.items() if k != "SEMIRES_NPROC"}
+    proc = subprocess.run(
+        ["unshare", "-Urm", sys.executable, "-m", "tests.machine_faults", str(tmp_path / "cases.json")],
+        cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "cases.results.json").read_text())
+    for name, r in results.items():
+        assert r["exception"] is None and r["exit_code"] == 2, (name, r)
+        assert r["unchanged"], f"{name}: an earlier output was touched"
+    lines = {name: r["stderr"].splitlines() for name, r in results.items()}
+    assert lines["propose: read-only output folder"] == [f"semires propose: error: {ro_propose}: {READ_ONLY}"]
+    assert lines["burn-in: read-only output folder"] == [f"semires burn-in: error: {ro_burn_in}: {READ_ONLY}"]
+    assert lines["propose: disk full at the start"] == [f"semires propose: error: {s['full']}: {NO_SPACE}"]
+    for name, stage, scratch in (
+        ("burn-in: disk fills mid-run", "burn-in", s["fills"]),
+        ("propose: disk fills mid-run", "propose", s["fills-propose"]),
+    ):
+        (line,) = lines[name]
+        assert re.fullmatch(
+            rf"semires {stage}: error: {re.escape(str(scratch))}/\S+: {re.escape(NO_SPACE)}", line
+        ), (
+            name,
+            line,
+        )
+    for k in ("ro-propose", "ro-burn-in"):  # refused before any work
+        assert not s[k].exists(), k
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes in a folder of mode 0555 (the namespace test covers it)"
+)
+@pytest.mark.parametrize("cmd", ["propose", "burn-in"])
+def test_read_only_output_folder_is_refused_before_any_work(project, tmp_path, cmd):
+    out = _out_copy(project, cmd, tmp_path / "out")
+    before = tree(out)
+    scratch = tmp_path / "scratch"
+    args = (
+        propose_args(project, out / "proposals.zarr", scratch, project / "params.yaml")
+        if cmd == "propose"
+        else burn_in_args(project, out, scratch, project / "params.yaml")
+    )
+    out.chmod(0o555)
+    try:
+        res = invoke(args)
+    finally:
+        out.chmod(0o755)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.splitlines() == [
+        f"semires {cmd}: error: {out}: cannot write (Permission denied); make the folder writable, or write "
+        "somewhere else, and rerun"
+    ]
+    assert tree(out) == before and not scratch.exists()
+
+
+def test_a_loss_that_becomes_nan_stops_the_stage_with_one_line_naming_the_step(
+    project, tmp_path, monkeypatch
+):
+    """From the fifth image the stage loads on (after the checkpoint of step 2), images are NaN
+    (a fault injected at the decoder): the run stops at the first non-finite step, saves
+    nothing after it, keeps its last good scratch checkpoint and the earlier output."""
+    import semires.data
+
+    real, loads = semires.data.load_image, []
+
+    def load_image(path):
+        loads.append(path)
+        image = real(path)
+        return image.fill_(float("nan")) if len(loads) > 4 else image
+
+    monkeypatch.setattr(semires.data, "load_image", load_image)
+    shutil.copytree(project / "outputs" / "burn-in", tmp_path / "out")
+    before = tree(tmp_path / "out")
+    params = write_params(tmp_path / "params.yaml", base_params(project), burn_in__steps=8)
+    res = invoke(burn_in_args(project, tmp_path / "out", tmp_path / "scratch", params))
+    assert res.exit_code == 2, res.output
+    (line,) = res.stderr.splitlines()
+    m = re.fullmatch(
+        r"semires burn-in: error: the training loss became non-finite \(NaN or infinite\) at step (\d+); "
+        r"the run stopped without saving a checkpoint after it, and the last good checkpoint "
+        r"(?:(\S+) \(step (\d+)\) stays|none was saved yet): lower the learning rate or check the inputs, "
+        r"then rerun",
+        line,
+    )
+    assert m, line
+    assert tree(tmp_path / "out") == before
+    (checkpoint,) = (tmp_path / "scratch").glob("*/last.pt")
+    assert m.group(2) == str(checkpoint)
+    assert int(m.group(3)) == torch.load(checkpoint, weights_only=True)["step"] < int(m.group(1))
+
+
+def test_outputs_follow_the_umask(project):
+    """Teammates on a shared machine or DVC cache can read what a stage wrote: every file and
+    folder of the stages' outputs (a proposals store, checkpoints, DVCLive folders, splits,
+    annotations) has the modes the umask gives, not the 0600 / 0700 of a temporary file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    roots = [project / n for n in ("proposals.zarr", "burn_in", "split", "anns.json", "train_images.json")]
+    roots += [project / "outputs" / n for n in ("train-semi", "evaluate")]
+    wrong = []
+    for root in roots:
+        for p in [root, *root.rglob("*")]:
+            want = (0o777 if p.is_dir() else 0o666) & ~mask
+            if stat.S_IMODE(p.stat().st_mode) != want:
+                wrong.append(f"{p.relative_to(project)}: {stat.S_IMODE(p.stat().st_mode):o}")
+    assert not wrong, f"umask {mask:03o}: {wrong}"

@@ -53,3 +53,39 @@ def test_resuming_drops_the_rows_logged_after_the_checkpoint(tmp_path, monkeypat
     (tmp_path / "last.pt").write_text("not a checkpoint")  # unreadable: nothing dropped here
     open_live(tmp_path / "live", resume=True, checkpoint=tmp_path / "last.pt")
     assert len(rows("train/loss.tsv")) == 7
+
+
+def test_one_run_per_scratch_folder_and_the_lock_goes_with_the_run(tmp_path, monkeypatch):
+    import re
+
+    import pytest
+
+    from semires.errors import SemiresError
+    from stages.common import exclusive_run
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SEMIRES_AGENT_PID"):
+        monkeypatch.delenv(k, raising=False)
+    scratch, out = tmp_path / "scratch", tmp_path / "data" / "model.pt"
+    with exclusive_run("burn-in", scratch, [out]):
+        assert (scratch / ".lock").read_text().startswith("pid ")
+        with pytest.raises(SemiresError) as e, exclusive_run("burn-in", scratch, [out]):
+            pass
+        assert re.fullmatch(
+            rf"{re.escape(str(scratch))}: another `semires burn-in` run \(pid \d+ on \S+\) is using this "
+            r"scratch folder; wait for it to end or stop it \(or give this run its own --scratch\)",
+            str(e.value),
+        )
+        monkeypatch.setenv("RANK", "1")  # a worker its launcher started: the launcher holds the lock
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("SEMIRES_AGENT_PID", "1")
+        with exclusive_run("burn-in", scratch, [out]):
+            pass
+        monkeypatch.delenv("SEMIRES_AGENT_PID")  # rank 1 on a second machine of a bare torchrun
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with exclusive_run("burn-in", scratch, [out]):
+            pass
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(k)
+    assert list(scratch.iterdir()) == [] and not out.parent.exists()  # checked, not made
+    with exclusive_run("burn-in", scratch, [out]):  # the next run
+        pass

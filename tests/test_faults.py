@@ -1,10 +1,14 @@
-"""Faults with a real signal: `semires burn-in` and `semires train-semi` killed with SIGKILL
-mid-run, then resumed, end with the very weights of an unbroken run; a killed run leaves no
-output that looks finished; a scratch checkpoint of another configuration is never mixed in.
+"""Faults with a real signal: `semires burn-in` and `semires train-semi` under the real
+launcher with two processes (SEMIRES_NPROC=2: torchrun, gloo on CPU), their whole process
+group killed with SIGKILL mid-run (a terminal's Ctrl-C or a job scheduler kills a group):
+no process of the run survives, a second run started meanwhile is refused, and the rerun
+resumes and ends with the very weights of an unbroken run; a killed run leaves no output
+that looks finished; a scratch checkpoint of another configuration is never mixed in.
 
-Each killed, resumed and reference run is its own `python -m stages.cli` process with one
-thread, so the weights can be compared bit for bit. The inputs (a 16-image synthetic set,
-its proposals, a short burn-in) are made in-process through the same commands.
+Each killed, resumed and reference run is its own `python -m stages.cli` process tree with
+one thread per process, so the weights can be compared bit for bit. The inputs (a
+16-image synthetic set, its proposals, a short burn-in) are made in-process through the same
+commands.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typer.testing import CliRunner
 
 from semires import annotations
 from semires.atomic import write_json
+from semires.distributed import LAUNCHER_ENV
 from semires.refer import read_refer
 from semires.split import random_split
 from semires.synth import SynthOptions, write_dataset
@@ -140,29 +145,107 @@ def project(tmp_path_factory) -> Path:
 # --- processes -------------------------------------------------------------------------------
 
 
-def start(args: list, log: Path) -> subprocess.Popen:
-    """``semires <args>`` as its own process (this checkout, one thread), output to ``log``."""
+NPROC = 2  # processes per run of the killed stages: the real launcher and torchrun
+
+
+def start(args: list, log: Path, nproc: int = NPROC, launcher: bool = True) -> subprocess.Popen:
+    """``semires <args>`` as its own process group (this checkout, one thread per process,
+    ``nproc`` processes), output to ``log``. Without ``launcher`` the command's torchrun is
+    started directly, as the launcher would start it (the same workers, one process and a
+    few seconds of imports fewer: for runs whose launcher is not under test)."""
     env = {k: v for k, v in os.environ.items() if k != "SEMIRES_NPROC"}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", SEMIRES_NPROC=str(nproc))
+    cmd = [sys.executable, "-m", "stages.cli", *map(str, args)]
+    if not launcher and nproc > 1:
+        env[LAUNCHER_ENV] = str(os.getpid())
+        cmd = [
+            sys.executable,
+            "-m",
+            "semires.distributed",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *cmd[1:],
+        ]
     with log.open("w") as f:
         return subprocess.Popen(
-            [sys.executable, "-m", "stages.cli", *map(str, args)],
+            cmd,
             cwd=REPO,
             env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a command started from a shell
         )
 
 
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state first), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_tree(pid: int) -> dict[int, str]:
+    """Every descendant of ``pid`` (torchrun starts its workers in sessions of their own, but
+    they stay its children), as ``{pid: start time}``."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := _stat(int(d.name))) is not None:
+            children.setdefault(int(st[1]), []).append(int(d.name))
+    tree, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if (st := _stat(child)) is not None:
+                tree[child] = st[19]
+                todo.append(child)
+    return tree
+
+
+def survivors(tree: dict[int, str], within: float = 5.0) -> list[int]:
+    """The processes of ``tree`` still running after ``within`` seconds (a zombie has ended;
+    a pid with another start time is another process)."""
+    deadline = time.monotonic() + within
+    while True:
+        left = [p for p, t in tree.items() if (st := _stat(p)) is not None and st[0] != "Z" and st[19] == t]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def kill_group(proc: subprocess.Popen) -> dict[int, str]:
+    """SIGKILL the process group of ``proc`` (as a scheduler does); returns the process tree
+    it had, to check that nothing of it survives."""
+    tree = {proc.pid: _stat(proc.pid)[19], **process_tree(proc.pid)}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    return tree
+
+
+def refused_while_running(args: list, scratch: Path, stage: str) -> None:
+    """The same command, started while a run holds ``scratch``: one line, exit 2, no work."""
+    res = invoke(args)
+    assert res.exit_code == 2, res.output
+    (line,) = res.stderr.splitlines()
+    assert re.fullmatch(
+        rf"semires {stage}: error: {re.escape(str(scratch))}: another `semires {stage}` run \(pid \d+ on "
+        rf"\S+\) is using this scratch folder; wait for it to end or stop it \(or give this run its own "
+        r"--scratch\)",
+        line,
+    ), line
+
+
 def finish(proc: subprocess.Popen, log: Path) -> str:
-    proc.wait(timeout=300)
+    proc.wait(timeout=600)
     text = log.read_text()
     assert proc.returncode == 0, text
     return text
 
 
-def kill_mid_run(proc: subprocess.Popen, scratch: Path, log: Path) -> str:
-    """SIGKILL ``proc`` at a random moment after its 2nd to 4th scratch checkpoint.
+def kill_mid_run(proc: subprocess.Popen, scratch: Path, log: Path, args: list, stage: str) -> str:
+    """SIGKILL ``proc``'s process group at a random moment after its 2nd to 4th scratch
+    checkpoint; check that a second run is refused while it runs and that none of its
+    processes survives the kill.
 
     Each checkpoint is a new file renamed onto ``last.pt``, so the kill point counts
     checkpoints rather than seconds and lands mid-run on a fast machine or a slow one. A file
@@ -195,9 +278,10 @@ def kill_mid_run(proc: subprocess.Popen, scratch: Path, log: Path) -> str:
     delay = random.uniform(0.0, 0.5 * min(b - a for a, b in itertools.pairwise(stamps)))
     time.sleep(delay)
     alive()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    refused_while_running(args, scratch, stage)
+    tree = kill_group(proc)
+    assert len(tree) >= 4, f"launcher, torchrun and {NPROC} workers expected: {tree}"
+    assert not survivors(tree), f"processes of the killed run still running: {survivors(tree, 0)}"
     return f"killed {delay:.3f} s after checkpoint {wanted}"
 
 
@@ -230,7 +314,8 @@ class Killed:
         return make(self.root, out_dir, scratch, params or self.params, **kw)
 
     def copy_scratch(self, dest: Path) -> Path:
-        shutil.copytree(self.scratch, dest)
+        """The killed run's partial work (not its lock file: a lock belongs to a process)."""
+        shutil.copytree(self.scratch, dest, ignore=shutil.ignore_patterns(".lock"))
         return dest
 
 
@@ -254,16 +339,19 @@ def _killed(stage: str, project: Path, tmp: Path) -> Killed:
     run.previous = (project / "burn_in" / "50" / "model.pt").read_bytes()
     (run.out_dir / "model.pt").write_bytes(run.previous)
     reference = start(
-        make(project, run.reference.parent, tmp / "reference-scratch", params), tmp / "reference.log"
+        make(project, run.reference.parent, tmp / "reference-scratch", params),
+        tmp / "reference.log",
+        launcher=False,
     )
-    killed = start(make(project, run.out_dir, run.scratch, params), tmp / "killed.log")
+    killed_args = make(project, run.out_dir, run.scratch, params)
+    killed = start(killed_args, tmp / "killed.log")
     try:
-        run.when = kill_mid_run(killed, run.scratch, tmp / "killed.log")
+        run.when = kill_mid_run(killed, run.scratch, tmp / "killed.log", killed_args, stage)
         finish(reference, tmp / "reference.log")
     finally:
         for p in (reference, killed):
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     return run
 
@@ -298,7 +386,8 @@ def test_killed_run_leaves_no_partial_output(killed):
 def test_resumed_run_ends_with_the_weights_of_an_unbroken_run(killed, tmp_path):
     scratch = killed.copy_scratch(tmp_path / "scratch")
     out_dir = tmp_path / "out"
-    log = finish(start(killed.args(out_dir, scratch), tmp_path / "resume.log"), tmp_path / "resume.log")
+    rerun = start(killed.args(out_dir, scratch), tmp_path / "resume.log", launcher=False)
+    log = finish(rerun, tmp_path / "resume.log")
     resumed = re.search(r"\(resumed at step (\d+)\)", log)
     assert resumed, log
     step = int(resumed.group(1))

@@ -140,7 +140,7 @@ def test_exif_rotated_photo_gives_the_mask_of_the_upright_image(model, photo, tm
     assert np.array_equal(rotated, model.predict(tmp_path / "upright.png", sentence))
 
 
-def test_bad_inputs_are_one_clear_message(checkpoints, photo, tmp_path):
+def test_bad_inputs_are_one_clear_message(model, photo, tmp_path):
     path, sentence = photo
     cases = [
         (lambda: model.predict(path, "  "), r"sentence 1: '  ' is empty; give the words"),

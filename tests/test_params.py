@@ -16,7 +16,17 @@ def _write(tmp_path, data):
 
 
 def test_shipped_params_are_valid():
-    for name, cls in (("synth", SynthParams), ("dataset", DatasetParams), ("split", SplitParams)):
+    from stages.burn_in import BurnInParams, ModelParams
+    from stages.evaluate import EvaluateParams
+    from stages.propose import ProposalsParams
+    from stages.report import ReportParams
+    from stages.train_semi import SemiParams
+
+    for name, cls in (
+        ("synth", SynthParams), ("dataset", DatasetParams), ("split", SplitParams),
+        ("proposals", ProposalsParams), ("model", ModelParams), ("burn_in", BurnInParams),
+        ("semi", SemiParams), ("evaluate", EvaluateParams), ("report", ReportParams),
+    ):  # fmt: skip
         section(REPO / "params.yaml", name, cls)
 
 
@@ -61,8 +71,100 @@ def test_bad_values_name_the_key(tmp_path, sect, cls, value, needle):
         section(path, sect, cls)
 
 
-def test_missing_section_takes_defaults(tmp_path):
-    assert section(_write(tmp_path, {"other": {}}), "split", SplitParams) == SplitParams()
+def _raw(tmp_path, text: str):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "other: {}\n",
+            "{path}: no `burn_in` section; this stage reads it: add `burn_in:` with its keys (the shipped "
+            "params.yaml lists them), or `burn_in: {{}}` for the built-in defaults",
+        ),
+        (
+            "burnin: {steps: 10}\n",
+            "{path}: no `burn_in` section (is `burnin` a misspelling of it?); this stage reads it: add "
+            "`burn_in:` with its keys (the shipped params.yaml lists them), or `burn_in: {{}}` for the "
+            "built-in defaults",
+        ),
+        (
+            "burn_in:\n",
+            "{path}: the `burn_in` section is empty (null); this stage reads it: give it its keys (the "
+            "shipped params.yaml lists them), or write `burn_in: {{}}` for the built-in defaults",
+        ),
+        (
+            "burn_in: {steps: 10, lr: 0.1}\nsplit: {}\nburn_in: {steps: 20}\n",
+            "{path}: line 3: key burn_in is written twice (also on line 1); YAML would silently keep the "
+            "last one: keep one",
+        ),
+        (
+            "burn_in:\n  steps: 10\n  lr: 0.1\n  steps: 20\n",
+            "{path}: line 4: key burn_in.steps is written twice (also on line 2); YAML would silently keep "
+            "the last one: keep one",
+        ),
+        (
+            "burn_in: {steps: 1000000000000000000000000000000}\n",
+            "params.yaml: burn_in.steps = 1000000000000000000000000000000: expected 1..100,000,000 steps",
+        ),
+        (
+            "burn_in: {log_every: 1000000000000000000000000000000}\n",
+            "params.yaml: burn_in.log_every = 1000000000000000000000000000000: expected an integer in "
+            "[-2**63, 2**63 - 1]",
+        ),
+        (
+            "burn_in: {class_weights: [.inf, 1]}\n",
+            "params.yaml: burn_in.class_weights[0] = inf: expected a finite number (not .nan or .inf)",
+        ),
+        (
+            "burn_in: {lr: .nan}\n",
+            "params.yaml: burn_in.lr = nan: expected a finite number (not .nan or .inf)",
+        ),
+        ("burn_in: {seed: -1}\n", "params.yaml: burn_in.seed = -1: expected a seed in [0, 2**32)"),
+        ("burn_in: {batch_size: 100000}\n", "params.yaml: burn_in.batch_size = 100000: expected 1..4096"),
+    ],
+)
+def test_sections_are_never_silently_replaced_by_defaults(tmp_path, text, message):
+    from stages.burn_in import BurnInParams
+
+    path = _raw(tmp_path, text)
+    with pytest.raises(SemiresError) as e:
+        section(path, "burn_in", BurnInParams)
+    assert str(e.value) == message.format(path=path)
+
+
+def test_an_empty_mapping_asks_for_the_defaults(tmp_path):
+    assert section(_raw(tmp_path, "split: {}\n"), "split", SplitParams) == SplitParams()
+
+
+def test_a_duplicate_key_inside_a_list_or_under_an_alias_is_named(tmp_path):
+    path = _raw(tmp_path, "base: &b {seed: 1}\nsplit:\n  files: {5: a.json}\n  fractions: [5]\n  files: {}\n")
+    with pytest.raises(SemiresError, match=r"line 5: key split\.files is written twice \(also on line 3\)"):
+        section(path, "split", SplitParams)
+    merged = _raw(tmp_path, "base: &b {seed: 1}\nsplit:\n  <<: *b\n  fractions: [5]\n")  # a merge is fine
+    assert section(merged, "split", SplitParams).seed == 1
+
+
+@pytest.mark.parametrize(
+    ("files", "key", "expected"),
+    [
+        ("{5: *x9}", "split.files.5", "expected a non-empty string"),
+        ("*x9", "split.files", "expected a mapping"),
+    ],
+)
+def test_billion_laughs_is_a_short_message_with_an_excerpt(tmp_path, files, key, expected):
+    """Nine levels of nine aliases stand for 9**9 strings: YAML shares them, a message must too."""
+    lines = ["x0: &x0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = _raw(tmp_path, "\n".join([*lines, "split:", "  fractions: [5]", f"  files: {files}", ""]))
+    with pytest.raises(SemiresError) as e:
+        section(path, "split", SplitParams)
+    message = str(e.value)
+    assert message.startswith(f"params.yaml: {key} = [[[...], [...], [...], [...], ...], ")
+    assert message.endswith(f"...: {expected}") and len(message) < 200, message
 
 
 def test_unreadable_params_file(tmp_path):

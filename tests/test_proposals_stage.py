@@ -18,6 +18,7 @@ import yaml
 from typer.testing import CliRunner
 
 from semires import annotations
+from semires.distributed import LAUNCHER_ENV
 from semires.proposals.base import cap, read_image
 from semires.proposals.offline import FelzenszwalbMultiscale
 from semires.proposals.store import ProposalStore
@@ -127,17 +128,47 @@ def test_one_process_store_holds_what_the_backend_returned(proposals_project, pr
     assert not any((out.parent / "scratch").iterdir())
 
 
-@pytest.mark.e2e  # about 20 s: three Python processes start
-def test_two_torchrun_processes_write_the_same_bytes(proposals_project, proposals_reference, tmp_path):
-    out = tmp_path / "proposals.zarr"
-    proc = _subprocess(_args(proposals_project, out, tmp_path / "scratch"), nproc=2)
-    log, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, log
-    assert "2 process(es)" in log
-    ref = _tree(proposals_reference[0])
-    got = _tree(out)
-    assert sorted(got) == sorted(ref)
-    assert all(got[k] == ref[k] for k in ref)
+def test_killed_two_process_run_dies_whole_refuses_a_second_and_resumes_to_the_same_bytes(
+    proposals_project, proposals_reference, tmp_path, monkeypatch
+):
+    """The real launcher with two processes (torchrun, gloo), its process group killed as a
+    scheduler kills it: no process of the run survives (torchrun's workers live in sessions
+    of their own), a second run meanwhile is refused, and the rerun, also with two
+    processes, resumes and writes the bytes of an unbroken one-process run."""
+    from .test_faults import kill_group, refused_while_running, survivors
+
+    out, scratch = tmp_path / "proposals.zarr", tmp_path / "scratch"
+    args = _args(proposals_project, out, scratch)
+    proc = _subprocess(args, nproc=2, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(scratch.glob("*/images/*.npz")):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no image done after 240 s"
+        time.sleep(0.005)
+    refused_while_running(args, scratch, "propose")
+    tree = kill_group(proc)
+    assert len(tree) >= 4, tree  # the launcher, torchrun, two workers
+    assert not survivors(tree), f"still running: {survivors(tree, 0)}"
+    done = len(list(scratch.glob("*/images/*.npz")))
+    total = len(annotations.load(proposals_project / "anns.json").images("train"))
+    assert 1 <= done < total and not out.exists()
+
+    # the rerun's torchrun started as its launcher would start it (its launcher is not under test)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", LAUNCHER_ENV: str(os.getpid())}
+    cmd = [
+        sys.executable,
+        "-m",
+        "semires.distributed",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "stages.cli",
+    ]
+    rerun = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log
+    assert "2 process(es)" in log and f"({total - done} computed now" in log  # the rest only
+    assert _tree(out) == _tree(proposals_reference[0])
 
 
 def test_killed_run_resumes_without_redoing_finished_images(proposals_project, proposals_reference, tmp_path):

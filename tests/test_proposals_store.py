@@ -4,6 +4,8 @@ write/read round trip."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,14 +290,90 @@ def test_attributes_unlike_the_masks_come_back_bit_for_bit(tmp_path, proposals_i
         assert np.array_equal(s.attrs(i).view(np.uint32), r.attrs.view(np.uint32))
 
 
-def test_store_of_the_first_format_is_refused_with_what_to_do(tmp_path, proposals_images):
+@pytest.mark.parametrize("version", [1, 2])
+def test_store_of_an_earlier_format_is_refused_with_what_to_do(tmp_path, proposals_images, version):
     path = tmp_path / "p.zarr"
     _write_store(path, proposals_images, shard_images=4)
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["version"] = 1
+    meta["attributes"]["version"] = version
+    del meta["attributes"]["digests"]  # what a version 2 store lacks
     (path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(SemiresError, match=r"not a semires-proposals v2 store .*version 1.*semires propose"):
+    with pytest.raises(SemiresError) as e:
         ProposalStore(path)
+    assert str(e.value) == (
+        f"{path}: a proposals store of version {version}; this semires reads version 3, which records a "
+        "digest of every shard to check it on open: rebuild it with `semires propose` (dvc repro propose)"
+    )
+
+
+def _damaged(path: Path, where: str, why: str) -> str:
+    return (
+        f"{path}: damaged proposals store ({where}: {why}); delete it and rerun `semires propose` "
+        "(dvc repro propose), or `dvc pull` it again"
+    )
+
+
+def test_shards_copied_from_another_store_or_swapped_read_as_damaged(tmp_path, proposals_images):
+    """Shards of one layout are interchangeable to zarr: without the digests they would decode
+    as other images' masks."""
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    _write_store(a, proposals_images, shard_images=2)
+    rng = np.random.default_rng(5)  # the same images and layout, other masks
+    other = {
+        i: Proposals.from_masks(_blobs(rng, len(p), *p.masks.shape[1:])) for i, p in proposals_images.items()
+    }
+    _write_store(b, other, shard_images=2)
+    ProposalStore(a)  # intact
+    recorded = json.loads((a / "zarr.json").read_text())["attributes"]["digests"]
+    assert sorted(recorded) == [
+        "attrs/c/0/0/0", "attrs/c/1/0/0", "height/c/0", "image_id/c/0", "masks/c/0/0", "masks/c/1/0",
+        "num_masks/c/0", "width/c/0",
+    ]  # fmt: skip
+    damaged = r"damaged proposals store \({}: (its content is not what the store wrote there|\d+ bytes where)"
+
+    def spoiled(name: str, spoil) -> Path:
+        path = tmp_path / name
+        shutil.copytree(a, path)
+        spoil(path)
+        return path
+
+    copied = spoiled("copied.zarr", lambda p: shutil.copy(b / "masks/c/1/0", p / "masks/c/1/0"))
+    with pytest.raises(SemiresError, match=damaged.format("masks/c/1/0")):
+        ProposalStore(copied)
+
+    def swap(path: Path) -> None:  # rows 0-1 and 2-3 trade places
+        for name in ("masks/c/0/0", "attrs/c/0/0/0"):
+            first, second = path / name, path / name.replace("/c/0/", "/c/1/", 1)
+            data = first.read_bytes()
+            first.write_bytes(second.read_bytes())
+            second.write_bytes(data)
+
+    with pytest.raises(SemiresError, match=damaged.format(r"(attrs/c/0/0/0|masks/c/0/0)")):
+        ProposalStore(spoiled("swapped.zarr", swap))
+
+    # the content alone differs (the same size): the sha256 tells
+    size = (a / "num_masks/c/0").stat().st_size
+    counts = spoiled("counts.zarr", lambda p: (p / "num_masks/c/0").write_bytes(bytes(size)))
+    with pytest.raises(SemiresError) as e:
+        ProposalStore(counts)
+    assert str(e.value) == _damaged(
+        counts,
+        "num_masks/c/0",
+        "its content is not what the store wrote there (a shard of another store, or moved)",
+    )
+
+    full = (a / "masks/c/0/0").read_bytes()
+    cut = spoiled("cut.zarr", lambda p: (p / "masks/c/0/0").write_bytes(full[: len(full) // 2]))
+    with pytest.raises(SemiresError) as e:
+        ProposalStore(cut)
+    assert str(e.value) == _damaged(
+        cut, "masks/c/0/0", f"{len(full) // 2} bytes where the store wrote {len(full)}"
+    )
+
+    extra = spoiled("extra.zarr", lambda p: shutil.copy(a / "masks/c/0/0", p / "masks/c/2"))
+    with pytest.raises(SemiresError) as e:
+        ProposalStore(extra)
+    assert str(e.value) == _damaged(extra, "masks/c/2", "a file this store did not write")
 
 
 def test_a_deleted_shard_is_an_error_not_empty_masks(tmp_path, proposals_images):

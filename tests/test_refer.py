@@ -1,7 +1,10 @@
+import io
 import json
 import os
 import pickle
 import shutil
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,3 +165,153 @@ def test_python2_style_pickle_reads(tmp_path):
     path = tmp_path / "refs(unc).p"
     path.write_bytes(pickle.dumps(refs, protocol=2))
     assert load_refs_pickle(path) == refs
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes ``bytes`` as Python 2 wrote its ``str``: SHORT_BINSTRING / BINSTRING opcodes."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_str(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+
+def python2_pickle(obj) -> bytes:
+    """``obj`` pickled as by Python 2 (protocol 2): its ``bytes`` are Python 2 strings."""
+    out = io.BytesIO()
+    _Python2Pickler(out, protocol=2).dump(obj)
+    return out.getvalue()
+
+
+def _py2_ref(ref_id: int, raw: bytes) -> dict:
+    return {
+        b"ref_id": ref_id, b"ann_id": 1, b"image_id": 9, b"split": b"train", b"category_id": 1,
+        b"file_name": b"COCO_train2014_000000000009_1.jpg", b"sent_ids": [0],
+        b"sentences": [{b"raw": raw, b"sent": raw.lower(), b"sent_id": 0, b"tokens": raw.lower().split()}],
+    }  # fmt: skip
+
+
+def test_python2_pickle_with_one_latin1_sentence_decodes_each_string_on_its_own(tmp_path):
+    path = tmp_path / "refs(unc).p"
+    refs = [
+        _py2_ref(0, "the naïve man".encode()),  # UTF-8, as most
+        _py2_ref(1, "the café sign".encode("latin-1")),  # one Latin-1 sentence
+        _py2_ref(2, b"plain ascii"),
+    ]
+    path.write_bytes(python2_pickle(refs))
+    got = load_refs_pickle(path)
+    assert [r["sentences"][0]["raw"] for r in got] == ["the naïve man", "the café sign", "plain ascii"]
+    assert got[1]["sentences"][0]["tokens"] == ["the", "café", "sign"]
+    assert got[0]["split"] == "train" and got[0]["file_name"].endswith(".jpg") and got[2]["ref_id"] == 2
+
+
+def test_a_string_that_is_no_text_names_its_ref(tmp_path):
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(python2_pickle([_py2_ref(0, b"fine"), _py2_ref(7, b"\x89PNG\r\n\x1a\n\x00\x00")]))
+    with pytest.raises(SemiresError) as e:
+        load_refs_pickle(path)
+    assert str(e.value) == (
+        f"{path}: ref 7 holds a string that is neither UTF-8 nor Latin-1 text "
+        "(b'\\x89PNG\\r\\n\\x1a\\n\\x00\\x00'); fix that string or replace the file with the "
+        "original refs file"
+    )
+
+
+def _spoiled_instances(tmp_path, synth_root, spoil) -> Path:
+    shutil.copytree(synth_root / "synthref", tmp_path / "synthref")
+    path = tmp_path / "synthref" / "instances.json"
+    inst = json.loads(path.read_text())
+    spoil(inst)
+    path.write_text(json.dumps(inst))
+    return path
+
+
+def _first_ref(synth_root) -> tuple[int, int]:
+    """(image id, annotation id) of the first ref of the synthetic set."""
+    refs = load_refs_pickle(synth_root / "synthref" / "refs(unc).p")
+    return int(refs[0]["image_id"]), int(refs[0]["ann_id"])
+
+
+def _image(inst, image_id):
+    return next(im for im in inst["images"] if im["id"] == image_id)
+
+
+def _ann(inst, ann_id):
+    return next(a for a in inst["annotations"] if a["id"] == ann_id)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        (
+            "duplicate image id",
+            "{inst}: images id {image} appears twice; ids must be unique (a later entry would replace the "
+            "first): replace it with the original instances.json",
+        ),
+        (
+            "duplicate annotation id",
+            "{inst}: annotations id {ann} appears twice; ids must be unique (a later entry would replace "
+            "the first): replace it with the original instances.json",
+        ),
+        (
+            "file_name with ..",
+            "{inst} image {image}: file_name '../../secret.jpg' points outside dataset.image_dir (an "
+            "absolute path or '..'); file names must be relative to the image folder: fix this image entry",
+        ),
+        (
+            "absolute file_name",
+            "{inst} image {image}: file_name '/etc/passwd' points outside dataset.image_dir (an absolute "
+            "path or '..'); file names must be relative to the image folder: fix this image entry",
+        ),
+        (
+            "NaN bbox",
+            "instances.json annotation {ann}: bbox [1.0, nan, 3.0, 4.0] is not [x, y, width, height] of "
+            "finite, non-negative numbers; fix or drop this annotation",
+        ),
+        (
+            "negative bbox",
+            "instances.json annotation {ann}: bbox [1.0, 2.0, -3.0, 4.0] is not [x, y, width, height] of "
+            "finite, non-negative numbers; fix or drop this annotation",
+        ),
+    ],
+)
+def test_ids_boxes_and_file_names_that_would_pass_silently_are_named(tmp_path, synth_root, case, message):
+    image, ann = _first_ref(synth_root)
+
+    def spoil(inst):
+        if case == "duplicate image id":
+            other = next(im for im in inst["images"] if im["id"] != image)
+            inst["images"].append({**other, "id": image})
+        elif case == "duplicate annotation id":
+            inst["annotations"].append({**_ann(inst, ann)})
+        elif case == "file_name with ..":
+            _image(inst, image)["file_name"] = "../../secret.jpg"
+        elif case == "absolute file_name":
+            _image(inst, image)["file_name"] = "/etc/passwd"
+        elif case == "NaN bbox":
+            _ann(inst, ann)["bbox"] = [1.0, float("nan"), 3.0, 4.0]
+        else:
+            _ann(inst, ann)["bbox"] = [1.0, 2.0, -3.0, 4.0]
+
+    inst = _spoiled_instances(tmp_path, synth_root, spoil)
+    with pytest.raises(SemiresError) as e:
+        read_refer(tmp_path, "synthref", "unc")
+    assert str(e.value) == message.format(inst=inst, image=image, ann=ann)
+
+
+def test_a_ref_id_written_twice_is_named(tmp_path, synth_root):
+    shutil.copytree(synth_root / "synthref", tmp_path / "synthref")
+    path = tmp_path / "synthref" / "refs(unc).p"
+    refs = load_refs_pickle(path)
+    path.write_bytes(pickle.dumps([*refs, refs[0]]))
+    with pytest.raises(SemiresError) as e:
+        read_refer(tmp_path, "synthref", "unc")
+    assert str(e.value) == (
+        f"{path}: ref id {refs[0]['ref_id']} appears twice; replace it with the original refs file"
+    )
