@@ -249,10 +249,11 @@ def test_an_imported_supervised_model_is_evaluated_and_continued_by_train_semi(p
     res = run(*import_args(OFFICIAL, model, "--image-size", "64", "--percent", "50"))
     assert res.exit_code == 0 and "label fraction 50%" in res.output, res.output
     res = run("evaluate", "--checkpoint", model, "--name", "official/50", "--anns", root / "anns.json",
-              "--metrics", tmp_path / "metrics.json", "--results", tmp_path / "results.jsonl",
-              "--params", root / "params.yaml")  # fmt: skip
+              "--metrics", tmp_path / "metrics.json", "--scores", tmp_path / "scores.json",
+              "--results", tmp_path / "results.jsonl", "--params", root / "params.yaml")  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert "mIoU" in json.loads((tmp_path / "metrics.json").read_text())["official/50"]["val"]
+    assert "mIoU" in json.loads((tmp_path / "metrics.json").read_text())["val"]
+    assert "mIoU" in json.loads((tmp_path / "scores.json").read_text())["networks"]["model"]["val"]
 
     def train_semi(split: str) -> object:
         out = tmp_path / "semi" / split
