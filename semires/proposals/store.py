@@ -52,7 +52,9 @@ rows alone and resizes those; the rest of its output stays zero.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,15 +208,25 @@ def decode_masks(row: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
     return out.reshape(-1)
 
 
-def decode_rows(row: np.ndarray, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_rows(
+    row: np.ndarray, n: int, h: int, w: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """An encoded row -> the masks' nonempty rows, as :func:`resize_rows` takes them: their
-    indices ``n * H + y`` (ascending) and their bits, ``R x ceil(W/8)`` uint8."""
+    indices ``n * H + y`` (ascending) and their bits, ``R x ceil(W/8)`` uint8.
+
+    ``width``: each row resized to this many columns instead (nearest, as ``F.interpolate``):
+    ``R x ceil(width/8)``. From the edge encoding the edges are moved (a run ``[x0, x1)``
+    keeps the output columns whose source column lies in it), so the rows are never
+    unpacked at their own width. A row may become empty and stays listed."""
     wb = (w + 7) // 8
     kind = int(row[0])
     if kind == PLAIN:
         grid = row[HEADER : HEADER + n * h * wb].reshape(n * h, wb)
         rows = np.flatnonzero(grid.any(axis=1))
-        return rows, grid[rows]
+        if width is None or width == w:
+            return rows, grid[rows]
+        bits = np.unpackbits(grid[rows], axis=-1, count=w, bitorder="little")
+        return rows, np.packbits(_take_columns(bits, _nearest(w, width)), axis=-1, bitorder="little")
     if kind != EDGES:
         raise SemiresError(f"unknown mask encoding {kind}: the store is damaged")
     sc, sm, sf = (int(v) for v in row[HEADER : HEADER + 3])
@@ -234,6 +246,8 @@ def decode_rows(row: np.ndarray, n: int, h: int, w: int) -> tuple[np.ndarray, np
     d[~b.first] = (moves >> 1) ^ -(moves & 1)  # later rows: zigzag moves
     cs = _cumsum0(d)  # -> columns: a cumulative sum along each segment
     x = cs[1:] - np.repeat(cs[b.seg_start[:-1]], b.seg_len)
+    if width is not None and width != w:
+        x, wb = _edge_map(w, width)[x], (width + 7) // 8
     # Each edge flips every bit from x on. As differences (XOR) of consecutive bytes that is
     # two bytes: byte x // 8, bits x % 8 and up, and the byte after, the bits below x % 8 (it
     # is all flipped, its predecessor only from x % 8 on). A running XOR along the rows turns
@@ -244,6 +258,37 @@ def decode_rows(row: np.ndarray, n: int, h: int, w: int) -> tuple[np.ndarray, np
     low = ((np.uint16(1) << (x & 7).astype(np.uint8)) - 1).astype(np.uint8)
     np.bitwise_xor.at(compact, np.concatenate([at_byte, at_byte + 1]), np.concatenate([~low, low]))
     return b.rows, _prefix_xor(compact)[: len(b.rows) * wb].reshape(-1, wb)
+
+
+@functools.lru_cache(maxsize=64)
+def _nearest(src: int, dst: int) -> np.ndarray:
+    """:func:`nearest_index` as a read-only numpy array, made once per pair of sizes."""
+    out = nearest_index(src, dst).numpy()
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _edge_map(src: int, dst: int) -> np.ndarray:
+    """Where an edge at source column ``x`` (``0..src``) lands at ``dst`` columns: the first
+    output column whose source column is ``x`` or more. Nearest resizing keeps the columns
+    in order, so a run ``[x0, x1)`` becomes the output run ``[map[x0], map[x1])``."""
+    out = np.searchsorted(_nearest(src, dst), np.arange(src + 1), side="left")
+    out.flags.writeable = False
+    return out
+
+
+def resize_rows_packed(rows: np.ndarray, packed_rows: np.ndarray, n: int, h: int, out_h: int) -> np.ndarray:
+    """Masks given by their nonempty rows, already at the output width (as :func:`decode_rows`
+    gives them with ``width``) -> ``N x out_h x C`` uint8, bit-packed, rows picked nearest
+    (as ``F.interpolate``). Only the picked nonempty rows are copied."""
+    where = np.full(n * h, -1, np.int64)
+    where[rows] = np.arange(len(rows))
+    src = where[(np.arange(n)[:, None] * h + _nearest(h, out_h)).reshape(-1)]
+    dest = np.flatnonzero(src >= 0)
+    out = np.zeros((n * out_h, packed_rows.shape[1]), np.uint8)
+    out[dest] = packed_rows[src[dest]]
+    return out.reshape(n, out_h, packed_rows.shape[1])
 
 
 def _edges(words: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -636,10 +681,30 @@ class ProposalStore:
         self._masks = arrays["masks"]
         self._chunk_bytes = int(self.attributes["chunk_bytes"])
         self._attrs = arrays["attrs"]
+        self._pid = os.getpid()
         self._check_shards()
         self._row = {int(i): j for j, i in enumerate(self.image_ids)}
         if expect is not None:
             self.check(expect)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a DataLoader worker that is spawned) without its zarr handles: each
+        process opens the arrays itself, on first use (see :meth:`_reopen`)."""
+        state = dict(self.__dict__)
+        state["_masks"] = state["_attrs"] = None
+        return state
+
+    def _reopen(self) -> None:
+        """Open ``masks`` and ``attrs`` in this process if they were opened in another (a
+        forked or spawned DataLoader worker): one store handle per process, opened lazily."""
+        if self._masks is not None and self._pid == os.getpid():
+            return
+        try:
+            g = _zarr().open_group(str(self.path), mode="r")
+            self._masks, self._attrs = g["masks"], g["attrs"]
+        except Exception as e:
+            raise self._damaged("masks", e) from e
+        self._pid = os.getpid()
 
     def _damaged(self, where: str, e: BaseException | str) -> SemiresError:
         """The one message for a store that is incomplete or corrupt (a copy cut short, say)."""
@@ -717,6 +782,7 @@ class ProposalStore:
         """The attributes, and the masks as :func:`decode_rows` gives them."""
         j = self._index(image_id)
         n, h, w = int(self.counts[j]), int(self.heights[j]), int(self.widths[j])
+        self._reopen()
         try:
             stored = np.ascontiguousarray(self._attrs[j, :n], np.float32)
         except Exception as e:  # a shard cut short or corrupt
@@ -739,6 +805,7 @@ class ProposalStore:
         # one read of the first inner chunk holds the whole row but for the largest ones
         longest = HEADER + n * h * ((w + 7) // 8)
         head = min(longest, self._chunk_bytes)
+        self._reopen()
         try:
             row = self._masks[j, :head]
         except Exception as e:  # a shard cut short or corrupt
@@ -770,6 +837,20 @@ class ProposalStore:
             return torch.zeros((n, oh, ow), dtype=torch.bool, device=device)
         rows, packed_rows = decode_rows(self._encoded(j, n, h, w), n, h, w)
         return resize_rows(rows, packed_rows, n, h, w, (oh, ow), device=device)
+
+    def packed_masks(self, image_id: int, size: tuple[int, int]) -> np.ndarray:
+        """``N x h x ceil(w/8)`` uint8: the masks resized (nearest, as :meth:`masks`) to
+        ``size`` = ``(h, w)`` and bit-packed (as :func:`pack_masks`, per row), never unpacked
+        on the way: what a data loader collates and sends to the device, which unpacks it
+        (:func:`semires.bits.unpack_bits`). Equal to ``np.packbits(masks(image_id, size),
+        axis=-1, bitorder="little")``."""
+        j = self._index(image_id)
+        n, h, w = int(self.counts[j]), int(self.heights[j]), int(self.widths[j])
+        oh, ow = size
+        if n * h * w == 0:
+            return np.zeros((n, oh, (ow + 7) // 8), np.uint8)
+        rows, packed_rows = decode_rows(self._encoded(j, n, h, w), n, h, w, width=ow)
+        return resize_rows_packed(rows, packed_rows, n, h, oh)
 
     def proposals(self, image_id: int) -> Proposals:
         """Everything stored for the image, at its own resolution."""
