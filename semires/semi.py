@@ -22,21 +22,20 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset, Sampler, Subset, default_collate
 
 from semires import distributed
 from semires.annotations import RefRecord
-from semires.data import ExpressionDataset, Sample, StepSampler, Transform, View, resize_mask
+from semires.data import ExpressionDataset, Sample, StepSampler, Transform, View, make_loader
 from semires.ema import ema_update
 from semires.errors import SemiresError
 from semires.metrics import intersection_union, iou
@@ -69,8 +68,11 @@ from semires.train import (
 class UnlabeledSample(NamedTuple):
     """One unlabeled expression (batched by :func:`collate_unlabeled`: a leading ``B``).
 
-    ``proposals`` is ``N x S x S`` bool per sample; in a batch ``B x Nmax x S x S`` padded
-    with empty masks, ``valid`` (``B x Nmax``) marking the real ones.
+    ``proposals`` is ``N x S x S/8`` uint8 per sample, the image's proposals at the input
+    size, bit-packed (:mod:`semires.bits`: what the loader collates and sends to the device,
+    which unpacks them as :func:`semires.refine.refine` needs them); in a batch
+    ``B x Nmax x S x S/8`` padded with empty masks, ``valid`` (``B x Nmax``) marking the
+    real ones.
     """
 
     weak: torch.Tensor  # 3 x S x S in [0, 1]: what the teacher sees
@@ -92,7 +94,9 @@ class UnlabeledDataset(ExpressionDataset):
 
     ``geometric`` moves image, hidden ground truth and proposals together (and may rewrite
     the sentence, e.g. a flip swaps left and right); ``photometric`` then makes the strong
-    view from the weak one. Proposals are cached per image, bit-packed, at the input size.
+    view from the weak one. Proposals are read from the store for every item, resized and
+    bit-packed without being unpacked (:meth:`ProposalStore.packed_masks`); nothing is kept
+    per image. The store opens its arrays lazily in each process that reads it.
     """
 
     def __init__(
@@ -106,7 +110,7 @@ class UnlabeledDataset(ExpressionDataset):
         max_tokens: int,
         geometric: Transform | None = None,
         photometric: Transform | None = None,
-        cache_images: bool = True,
+        cache_mb: float = 0,
     ) -> None:
         super().__init__(
             refs,
@@ -114,7 +118,7 @@ class UnlabeledDataset(ExpressionDataset):
             tokenizer,
             image_size=image_size,
             max_tokens=max_tokens,
-            cache_images=cache_images,
+            cache_mb=cache_mb,
         )
         self.store = proposals if isinstance(proposals, ProposalStore) else ProposalStore(proposals)
         missing = sorted({r.image_id for r in self.refs if r.image_id not in self.store})
@@ -125,27 +129,21 @@ class UnlabeledDataset(ExpressionDataset):
             )
         self.geometric = geometric
         self.photometric = photometric
-        self._props: dict[int, tuple[np.ndarray, int]] = {}
 
     def proposals(self, image_id: int) -> torch.Tensor:
-        """The image's proposals, ``N x S x S`` bool (nearest-resized, as the masks)."""
+        """The image's proposals, ``N x S x S/8`` uint8: nearest-resized (as the masks) and
+        bit-packed (:func:`semires.bits.unpack_bits` gives ``N x S x S`` bool)."""
         s = self.image_size
-        hit = self._props.get(image_id)
-        if hit is None:
-            m = self.store.masks(image_id, size=(s, s)).numpy()
-            hit = (np.packbits(m, axis=-1), m.shape[0])
-            self._props[image_id] = hit
-        packed, n = hit
-        return torch.from_numpy(np.unpackbits(packed, axis=-1, count=s).astype(bool).reshape(n, s, s))
+        return torch.from_numpy(self.store.packed_masks(image_id, (s, s)))
 
     def __getitem__(self, key: int | tuple[int, int]) -> UnlabeledSample:  # type: ignore[override]
         index, seed = (key, None) if isinstance(key, int) else key
-        r, s = self.pairs[index]
+        r, s = (int(v) for v in self.pairs[index])
         ref = self.refs[r]
-        gt = resize_mask(torch.from_numpy(ref.decode_mask()).to(torch.uint8), self.image_size)
         view = View(
             image=self.image(ref),
-            masks={"gt": gt, "proposals": self.proposals(ref.image_id)},
+            masks={"gt": self.mask(ref)},
+            packed={"proposals": self.proposals(ref.image_id)},
             sentence=ref.sentences[s],
         )
         gen = torch.Generator().manual_seed(int(seed) if seed is not None else index)
@@ -153,7 +151,7 @@ class UnlabeledDataset(ExpressionDataset):
             view = self.geometric(view, gen)
         strong = self.photometric(view, gen).image if self.photometric is not None else view.image
         ids, att = self.tokenizer.encode([view.sentence], self.max_tokens)
-        props = view.masks["proposals"]
+        props = view.packed["proposals"]
         return UnlabeledSample(
             weak=view.image,
             strong=strong,
@@ -171,10 +169,11 @@ class UnlabeledDataset(ExpressionDataset):
 
 
 def collate_unlabeled(items: Sequence[UnlabeledSample]) -> UnlabeledSample:
-    """Stack a batch; proposals padded to the batch's largest count with ``valid`` False."""
+    """Stack a batch; proposals (bit-packed) padded to the batch's largest count with
+    ``valid`` False."""
     n = max(it.proposals.shape[0] for it in items)
-    size = items[0].proposals.shape[-2:]
-    props = torch.zeros((len(items), n, *size), dtype=torch.bool)
+    shape = items[0].proposals.shape[1:]
+    props = torch.zeros((len(items), n, *shape), dtype=torch.uint8)
     valid = torch.zeros((len(items), n), dtype=torch.bool)
     for i, it in enumerate(items):
         k = it.proposals.shape[0]
@@ -194,6 +193,45 @@ def collate_unlabeled(items: Sequence[UnlabeledSample]) -> UnlabeledSample:
         image_id=torch.tensor([it.image_id for it in items]),
         sentence=[it.sentence for it in items],
     )
+
+
+class StepItems(Dataset):
+    """The teacher-student loop's two datasets as one: key ``(0, k)`` is ``labeled[k]`` and
+    ``(1, k)`` is ``unlabeled[k]``, so one pool of loader workers makes whole steps."""
+
+    def __init__(self, labeled: ExpressionDataset, unlabeled: UnlabeledDataset) -> None:
+        self.parts = (labeled, unlabeled)
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, key: tuple[int, object]) -> Sample | UnlabeledSample:
+        part, k = key
+        return self.parts[part][k]
+
+
+class StepBatches(Sampler):
+    """One list of :class:`StepItems` keys per step: the labeled sampler's keys of the step,
+    then the unlabeled sampler's (both pure functions of seed and step: exact resume)."""
+
+    def __init__(self, labeled: StepSampler, unlabeled: StepSampler) -> None:
+        self.labeled, self.unlabeled = labeled, unlabeled
+
+    def __len__(self) -> int:
+        return self.labeled.total_steps - self.labeled.start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, tuple[int, int]]]]:
+        for step in range(self.labeled.start_step, self.labeled.total_steps):
+            yield [(0, k) for k in self.labeled.keys_for_step(step)] + [
+                (1, k) for k in self.unlabeled.keys_for_step(step)
+            ]
+
+
+def collate_step(items: Sequence[Sample | UnlabeledSample]) -> tuple[Sample, UnlabeledSample]:
+    """A step's items -> ``(labeled batch, unlabeled batch)``."""
+    labeled = [it for it in items if isinstance(it, Sample)]
+    unlabeled = [it for it in items if isinstance(it, UnlabeledSample)]
+    return default_collate(labeled), collate_unlabeled(unlabeled)
 
 
 def unlabeled_to_device(batch: UnlabeledSample, device: torch.device) -> UnlabeledSample:
@@ -308,21 +346,28 @@ def pseudo_label_quality(
     device: torch.device,
     batch_size: int = 32,
     indices: Sequence[int] | None = None,
+    num_workers: int | None = 0,
 ) -> dict[str, float]:
     """How good the pseudo-labels are, on unlabeled expressions with their hidden truth.
 
     The teacher labels each expression's un-augmented view; returns, in percent as the
     evaluation metrics: ``raw_mIoU`` / ``raw_oIoU`` of its hard masks, ``refined_mIoU`` /
     ``refined_oIoU`` after refinement, ``match_rate`` (share a proposal matched) and
-    ``pwa_share`` (share trained with PWA weights: unmatched, with PWA on).
+    ``pwa_share`` (share trained with PWA weights: unmatched, with PWA on). Batches of
+    ``batch_size`` come from a loader with ``num_workers`` processes (see
+    :func:`semires.data.make_loader`); the refinement works through their proposals in
+    chunks, so memory stays bounded whatever the batch size and proposal count.
     """
     was_training = teacher.training
     teacher.eval()
     idx = list(range(len(dataset))) if indices is None else list(indices)
     inter_raw, union_raw, inter_ref, union_ref, matched = [], [], [], [], []
+    loader = make_loader(
+        Subset(dataset, idx), batch_size=batch_size, device=device, num_workers=num_workers,
+        collate_fn=collate_unlabeled,
+    )  # fmt: skip
     try:
-        for start in range(0, len(idx), batch_size):
-            batch = collate_unlabeled([dataset[i] for i in idx[start : start + batch_size]])
+        for batch in loader if idx else ():
             b = unlabeled_to_device(batch, device)
             with autocast(device):
                 logits = teacher(b.weak, b.input_ids, b.attention_mask)
@@ -409,8 +454,8 @@ def train_semi(
         start = restore(ckpt, student, optimizer, scheduler, info, cfg.seed)
     net = DistributedDataParallel(student) if info.world_size > 1 else student
 
-    def loader(dataset, batch_size, seed, collate=None):
-        sampler = StepSampler(
+    def sampler(dataset, batch_size, seed):
+        return StepSampler(
             dataset,
             batch_size=batch_size,
             total_steps=cfg.steps,
@@ -419,18 +464,15 @@ def train_semi(
             rank=info.rank,
             world_size=info.world_size,
         )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=cfg.num_workers,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(seed),
-            pin_memory=device.type == "cuda",
-        )
 
-    labeled_loader = loader(labeled_set, cfg.batch_size, cfg.seed)
-    unlabeled_loader = loader(unlabeled_set, cfg.unlabeled_batch_size, cfg.seed + 1, collate_unlabeled)
+    steps = StepBatches(
+        sampler(labeled_set, cfg.batch_size, cfg.seed),
+        sampler(unlabeled_set, cfg.unlabeled_batch_size, cfg.seed + 1),
+    )
+    loader = make_loader(
+        StepItems(labeled_set, unlabeled_set), batch_sampler=steps, collate_fn=collate_step,
+        device=device, num_workers=cfg.num_workers, seed=cfg.seed,
+    )  # fmt: skip
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
     def quality() -> dict[str, float] | None:
@@ -438,7 +480,7 @@ def train_semi(
             return None
         return pseudo_label_quality(
             teacher, quality_set, cfg.refine, device=device, batch_size=cfg.eval_batch_size,
-            indices=quality_indices,
+            indices=quality_indices, num_workers=cfg.num_workers,
         )  # fmt: skip
 
     def save(step: int) -> None:
@@ -458,7 +500,7 @@ def train_semi(
     final: Evaluation | None = None
     last_quality = first_quality
     step = start
-    for lab, unl in zip(labeled_loader, unlabeled_loader, strict=True):
+    for lab, unl in loader:
         lr = optimizer.param_groups[0]["lr"]
         stats = semi_step(net, teacher, lab, unl, optimizer, scheduler, cfg=cfg, device=device)
         for k, v in stats.items():
@@ -474,7 +516,10 @@ def train_semi(
         if last or (cfg.eval_every and step % cfg.eval_every == 0):
             if info.is_main:
                 if val_set is not None:
-                    final = evaluate(unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size)
+                    final = evaluate(
+                        unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size,
+                        num_workers=cfg.num_workers,
+                    )  # fmt: skip
                 q = quality()
                 last_quality = q if q is not None else last_quality
                 if on_metrics is not None:
@@ -488,7 +533,9 @@ def train_semi(
         if step == end:
             break
     if final is None and val_set is not None and step == cfg.steps and info.is_main:
-        final = evaluate(unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size)
+        final = evaluate(
+            unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers
+        )
         last_quality = quality()
     return SemiResult(
         steps=step,

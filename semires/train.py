@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from semires import distributed
 from semires.atomic import atomic_path
-from semires.data import ExpressionDataset, Sample, StepSampler
+from semires.data import ExpressionDataset, Sample, StepSampler, make_loader
 from semires.errors import SemiresError
 from semires.metrics import intersection_union, iou, summarize
 from semires.model.build import ModelSpec, build_from_spec
@@ -170,7 +169,7 @@ def evaluate(
     device: torch.device,
     batch_size: int = 16,
     resolution: str = "input",
-    num_workers: int = 0,
+    num_workers: int | None = 0,
 ) -> Evaluation:
     """Every expression of ``dataset``: IoU of the argmax mask, and the split's metrics.
 
@@ -182,10 +181,7 @@ def evaluate(
         raise ValueError(f"resolution must be 'input' or 'original', not {resolution!r}")
     was_training = model.training
     model.eval()
-    # Its own generator: starting a DataLoader draws a seed, which must not move the global RNG.
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator()
-    )
+    loader = make_loader(dataset, batch_size=batch_size, device=device, num_workers=num_workers)
     results: list[ExpressionResult] = []
     try:
         for batch in loader:
@@ -457,7 +453,7 @@ class LoopConfig:
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 50
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = 0  # DataLoader workers (None: semires.data.auto_workers)
     eval_batch_size: int = 32
 
 
@@ -515,13 +511,10 @@ def train_supervised(
         rank=info.rank,
         world_size=info.world_size,
     )
-    loader = DataLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG for the model's own draws
-    )
+    loader = make_loader(
+        train_set, batch_size=cfg.batch_size, sampler=sampler, device=device, num_workers=cfg.num_workers,
+        seed=cfg.seed,
+    )  # fmt: skip
     t0, losses, final = time.perf_counter(), [], None
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
@@ -549,7 +542,9 @@ def train_supervised(
         # evaluate
         if val_set is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
             if info.is_main:
-                final = evaluate(model, val_set, device=device, batch_size=cfg.eval_batch_size)
+                final = evaluate(
+                    model, val_set, device=device, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers
+                )
                 if on_metrics is not None:
                     on_metrics(step, {f"val/{k}": v for k, v in final.metrics.items() if k != "count"})
             distributed.barrier()
@@ -560,5 +555,7 @@ def train_supervised(
         if step == end:
             break
     if final is None and val_set is not None and step == cfg.steps and info.is_main:
-        final = evaluate(model, val_set, device=device, batch_size=cfg.eval_batch_size)  # resumed when done
+        final = evaluate(  # resumed when done
+            model, val_set, device=device, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers
+        )
     return LoopResult(steps=step, resumed_from=start, seconds=time.perf_counter() - t0, final_eval=final)
