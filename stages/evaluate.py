@@ -18,7 +18,7 @@ from semires.errors import SemiresError
 from semires.train import evaluate as evaluate_model
 from semires.train import load_model
 from stages.common import DEFAULT_PARAMS, AnnsOption, ParamsOption, log, stage_command
-from stages.params import DatasetParams, check, section
+from stages.params import DatasetParams, check, check_loader, section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +28,11 @@ class EvaluateParams:
     batch_size: int = 16
     resolution: str = "input"  # input: at the model's input size (the paper's); original: image size
     splits: list[str] | None = None  # null: every split but train that the dataset has
+    num_workers: int | None = None  # DataLoader workers; null: auto (none on the CPU)
+    image_cache_mb: int = 128  # decoded images kept per loading process
 
     def __post_init__(self) -> None:
+        check_loader("evaluate", self.num_workers, self.image_cache_mb)
         check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "expected a positive batch size")
         check(
             self.resolution in ("input", "original"),
@@ -83,10 +86,12 @@ def evaluate(
                 tok,
                 image_size=spec.config.image_size,
                 max_tokens=spec.config.max_tokens,
+                cache_mb=ep.image_cache_mb,
             )
             ev = evaluate_model(
-                model, data, device=device, batch_size=ep.batch_size, resolution=ep.resolution
-            )
+                model, data, device=device, batch_size=ep.batch_size, resolution=ep.resolution,
+                num_workers=ep.num_workers,
+            )  # fmt: skip
             metrics[split] = ev.metrics
             for r in ev.results:
                 row = {
