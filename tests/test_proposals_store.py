@@ -156,11 +156,13 @@ def test_rows_resized_while_packed_equal_interpolate_nearest_packed(size):
     masks = _masks_of_every_kind(np.random.default_rng(9), 45, 61)
     n = len(masks)
     encoded = encode_masks(pack_masks(masks), n, 45, 61)
-    rows, packed_rows = decode_rows(encoded, n, 45, 61, width=size[1])
-    got = resize_rows_packed(rows, packed_rows, n, 45, size[0])
     want = F.interpolate(torch.from_numpy(masks).float()[None], size=size, mode="nearest")[0] > 0.5
-    assert got.dtype == np.uint8 and got.shape == (n, size[0], (size[1] + 7) // 8)
-    assert np.array_equal(got, np.packbits(want.numpy(), axis=-1, bitorder="little"))
+    for mirror in (False, True):
+        rows, packed_rows = decode_rows(encoded, n, 45, 61, width=size[1], mirror=mirror)
+        got = resize_rows_packed(rows, packed_rows, n, 45, size[0])
+        assert got.dtype == np.uint8 and got.shape == (n, size[0], (size[1] + 7) // 8)
+        pixels = want.flip(-1) if mirror else want
+        assert np.array_equal(got, np.packbits(pixels.numpy(), axis=-1, bitorder="little"))
 
 
 def test_device_path_picks_the_same_bits():
@@ -253,8 +255,11 @@ def test_packed_masks_at_a_size_are_the_resized_masks_packed(tmp_path, proposals
     s = ProposalStore(path)
     for i in proposals_images:
         for size in ((16, 16), (64, 40), (30, 41), (9, 13)):
-            want = np.packbits(s.masks(i, size=size).numpy(), axis=-1, bitorder="little")
+            masks = s.masks(i, size=size).numpy()
+            want = np.packbits(masks, axis=-1, bitorder="little")
             assert np.array_equal(s.packed_masks(i, size), want), (i, size)
+            mirrored = np.packbits(masks[..., ::-1], axis=-1, bitorder="little")
+            assert np.array_equal(s.packed_masks(i, size, mirror=True), mirrored), (i, size)
     # a DataLoader worker that is spawned gets the store without its zarr handles and opens
     # its own on first use
     copy = pickle.loads(pickle.dumps(s))
