@@ -59,15 +59,36 @@ class View:
     """What augmentations transform: an image, its masks, and the sentence.
 
     ``masks`` maps names to ``... x H x W`` tensors (the ground truth as ``"gt"``) and
-    ``packed`` to bit-packed ones, ``... x H x ceil(W/8)`` uint8 (:mod:`semires.bits`; the
-    SAM proposals as ``"proposals"``), so that every geometric transform moves them all
-    with the image.
+    ``packed`` to bit-packed ones, ``... x H x ceil(W/8)`` uint8 (:mod:`semires.bits`) or
+    :class:`DeferredMasks` (the SAM proposals as ``"proposals"``), so that every geometric
+    transform moves them all with the image.
     """
 
     image: torch.Tensor  # 3 x H x W float in [0, 1]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     sentence: str = ""
-    packed: dict[str, torch.Tensor] = field(default_factory=dict)
+    packed: dict[str, torch.Tensor | DeferredMasks] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeferredMasks:
+    """Bit-packed masks read when the view is done: ``read(mirrored)`` gives them, mirrored
+    left-right or not. A flip only toggles ``mirrored``: the proposals store mirrors the
+    masks' edges as it decodes them, instead of the bytes being reversed after."""
+
+    read: Callable[[bool], torch.Tensor]
+    mirrored: bool = False
+
+    def flip(self) -> DeferredMasks:
+        return replace(self, mirrored=not self.mirrored)
+
+    def tensor(self) -> torch.Tensor:
+        return self.read(self.mirrored)
+
+
+def packed_tensor(masks: torch.Tensor | DeferredMasks) -> torch.Tensor:
+    """A :attr:`View.packed` entry as its tensor (reading it if deferred)."""
+    return masks.tensor() if isinstance(masks, DeferredMasks) else masks
 
 
 Transform = Callable[[View, torch.Generator], View]
@@ -107,7 +128,10 @@ class HorizontalFlip:
             image=view.image.flip(-1),
             masks={k: m.flip(-1) for k, m in view.masks.items()},
             sentence=swap_left_right(view.sentence),
-            packed={k: flip_bits(m, width) for k, m in view.packed.items()},
+            packed={
+                k: m.flip() if isinstance(m, DeferredMasks) else flip_bits(m, width)
+                for k, m in view.packed.items()
+            },
         )
 
 
@@ -176,7 +200,7 @@ def resize_mask_np(mask: np.ndarray, size: int) -> np.ndarray:
     """``H x W`` -> ``size x size``, nearest: :func:`resize_mask`'s pixels, picked by index
     instead of interpolated in float (a fraction of the time at 640 x 480)."""
     rows, cols = nearest_source(mask.shape[0], size), nearest_source(mask.shape[1], size)
-    return mask[rows[:, None], cols]
+    return np.take(np.take(mask, rows, axis=0), cols, axis=1)
 
 
 class ImageCache:
@@ -403,3 +427,16 @@ def make_loader(
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def start_workers(*loaders: DataLoader | None) -> None:
+    """Start the worker processes of persistent loaders now, while this process is small.
+
+    A worker is forked from the training process: forked after training steps it maps every
+    page the process has grown to (the allocator keeps memory it freed), and its resident
+    size counts them again. So a training loop starts the workers of its evaluation loaders
+    before the first step; an iteration started here and not consumed costs a few prefetched
+    batches, dropped when the loader is next iterated."""
+    for loader in loaders:
+        if loader is not None and loader.num_workers > 0:
+            iter(loader)

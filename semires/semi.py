@@ -21,6 +21,7 @@ The hidden ground truth of the unlabeled expressions rides along for diagnostics
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,11 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, Sampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from semires import distributed
 from semires.annotations import RefRecord
-from semires.data import ExpressionDataset, Sample, StepSampler, Transform, View, make_loader
+from semires.data import (
+    DeferredMasks,
+    ExpressionDataset,
+    Sample,
+    StepSampler,
+    Transform,
+    View,
+    make_loader,
+    packed_tensor,
+    start_workers,
+)
 from semires.ema import ema_update
 from semires.errors import SemiresError
 from semires.metrics import intersection_union, iou
@@ -49,6 +60,7 @@ from semires.train import (
     LoopResult,
     autocast,
     class_weight_tensor,
+    eval_loader,
     evaluate,
     gather_objects,
     load_checkpoint,
@@ -130,11 +142,12 @@ class UnlabeledDataset(ExpressionDataset):
         self.geometric = geometric
         self.photometric = photometric
 
-    def proposals(self, image_id: int) -> torch.Tensor:
-        """The image's proposals, ``N x S x S/8`` uint8: nearest-resized (as the masks) and
-        bit-packed (:func:`semires.bits.unpack_bits` gives ``N x S x S`` bool)."""
+    def proposals(self, image_id: int, mirrored: bool = False) -> torch.Tensor:
+        """The image's proposals, ``N x S x S/8`` uint8: nearest-resized (as the masks),
+        mirrored left-right if ``mirrored``, and bit-packed (:func:`semires.bits.unpack_bits`
+        gives ``N x S x S`` bool)."""
         s = self.image_size
-        return torch.from_numpy(self.store.packed_masks(image_id, (s, s)))
+        return torch.from_numpy(self.store.packed_masks(image_id, (s, s), mirror=mirrored))
 
     def __getitem__(self, key: int | tuple[int, int]) -> UnlabeledSample:  # type: ignore[override]
         index, seed = (key, None) if isinstance(key, int) else key
@@ -143,7 +156,7 @@ class UnlabeledDataset(ExpressionDataset):
         view = View(
             image=self.image(ref),
             masks={"gt": self.mask(ref)},
-            packed={"proposals": self.proposals(ref.image_id)},
+            packed={"proposals": DeferredMasks(functools.partial(self.proposals, ref.image_id))},
             sentence=ref.sentences[s],
         )
         gen = torch.Generator().manual_seed(int(seed) if seed is not None else index)
@@ -151,7 +164,7 @@ class UnlabeledDataset(ExpressionDataset):
             view = self.geometric(view, gen)
         strong = self.photometric(view, gen).image if self.photometric is not None else view.image
         ids, att = self.tokenizer.encode([view.sentence], self.max_tokens)
-        props = view.packed["proposals"]
+        props = packed_tensor(view.packed["proposals"])  # read now, mirrored if the view was flipped
         return UnlabeledSample(
             weak=view.image,
             strong=strong,
@@ -337,6 +350,21 @@ def semi_step(
 # --- diagnostics ---------------------------------------------------------------------------
 
 
+def quality_loader(
+    dataset: UnlabeledDataset,
+    indices: Sequence[int],
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int | None,
+) -> DataLoader:
+    """The loader :func:`pseudo_label_quality` reads the expressions ``indices`` with."""
+    return make_loader(
+        Subset(dataset, list(indices)), batch_size=batch_size, device=device, num_workers=num_workers,
+        collate_fn=collate_unlabeled,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def pseudo_label_quality(
     teacher: nn.Module,
@@ -347,6 +375,7 @@ def pseudo_label_quality(
     batch_size: int = 32,
     indices: Sequence[int] | None = None,
     num_workers: int | None = 0,
+    loader: DataLoader | None = None,
 ) -> dict[str, float]:
     """How good the pseudo-labels are, on unlabeled expressions with their hidden truth.
 
@@ -354,18 +383,17 @@ def pseudo_label_quality(
     evaluation metrics: ``raw_mIoU`` / ``raw_oIoU`` of its hard masks, ``refined_mIoU`` /
     ``refined_oIoU`` after refinement, ``match_rate`` (share a proposal matched) and
     ``pwa_share`` (share trained with PWA weights: unmatched, with PWA on). Batches of
-    ``batch_size`` come from a loader with ``num_workers`` processes (see
-    :func:`semires.data.make_loader`); the refinement works through their proposals in
-    chunks, so memory stays bounded whatever the batch size and proposal count.
+    ``batch_size`` come from a loader with ``num_workers`` processes
+    (:func:`quality_loader`), or from ``loader``, one made once; the refinement works
+    through their proposals in chunks, so memory stays bounded whatever the batch size and
+    proposal count.
     """
     was_training = teacher.training
     teacher.eval()
     idx = list(range(len(dataset))) if indices is None else list(indices)
     inter_raw, union_raw, inter_ref, union_ref, matched = [], [], [], [], []
-    loader = make_loader(
-        Subset(dataset, idx), batch_size=batch_size, device=device, num_workers=num_workers,
-        collate_fn=collate_unlabeled,
-    )  # fmt: skip
+    if loader is None:
+        loader = quality_loader(dataset, idx, batch_size=batch_size, device=device, num_workers=num_workers)
     try:
         for batch in loader if idx else ():
             b = unlabeled_to_device(batch, device)
@@ -473,15 +501,26 @@ def train_semi(
         StepItems(labeled_set, unlabeled_set), batch_sampler=steps, collate_fn=collate_step,
         device=device, num_workers=cfg.num_workers, seed=cfg.seed,
     )  # fmt: skip
+    # evaluation loaders made once, their workers forked now (start_workers), not at every
+    # evaluation from the process the training steps have grown
+    val_loader = q_loader = None
+    if info.is_main and val_set is not None:
+        val_loader = eval_loader(
+            val_set, batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers
+        )
+    if info.is_main and quality_set is not None:
+        picks = range(len(quality_set)) if quality_indices is None else quality_indices
+        q_loader = quality_loader(
+            quality_set, picks, batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers
+        )
+    batches = iter(loader)
+    start_workers(val_loader, q_loader)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
     def quality() -> dict[str, float] | None:
         if quality_set is None or not info.is_main:
             return None
-        return pseudo_label_quality(
-            teacher, quality_set, cfg.refine, device=device, batch_size=cfg.eval_batch_size,
-            indices=quality_indices, num_workers=cfg.num_workers,
-        )  # fmt: skip
+        return pseudo_label_quality(teacher, quality_set, cfg.refine, device=device, loader=q_loader)
 
     def save(step: int) -> None:
         states = gather_objects(rng_state())
@@ -500,7 +539,7 @@ def train_semi(
     final: Evaluation | None = None
     last_quality = first_quality
     step = start
-    for lab, unl in loader:
+    for lab, unl in batches:
         lr = optimizer.param_groups[0]["lr"]
         stats = semi_step(net, teacher, lab, unl, optimizer, scheduler, cfg=cfg, device=device)
         for k, v in stats.items():
@@ -516,10 +555,7 @@ def train_semi(
         if last or (cfg.eval_every and step % cfg.eval_every == 0):
             if info.is_main:
                 if val_set is not None:
-                    final = evaluate(
-                        unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size,
-                        num_workers=cfg.num_workers,
-                    )  # fmt: skip
+                    final = evaluate(unwrap(net), val_set, device=device, loader=val_loader)
                 q = quality()
                 last_quality = q if q is not None else last_quality
                 if on_metrics is not None:
@@ -533,9 +569,7 @@ def train_semi(
         if step == end:
             break
     if final is None and val_set is not None and step == cfg.steps and info.is_main:
-        final = evaluate(
-            unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers
-        )
+        final = evaluate(unwrap(net), val_set, device=device, loader=val_loader)
         last_quality = quality()
     return SemiResult(
         steps=step,

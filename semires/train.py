@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from semires import distributed
 from semires.atomic import atomic_path
-from semires.data import ExpressionDataset, Sample, StepSampler, make_loader
+from semires.data import ExpressionDataset, Sample, StepSampler, make_loader, start_workers
 from semires.errors import SemiresError
 from semires.metrics import intersection_union, iou, summarize
 from semires.model.build import ModelSpec, build_from_spec
@@ -161,6 +162,13 @@ class Evaluation:
     metrics: dict[str, float]
 
 
+def eval_loader(
+    dataset: ExpressionDataset, *, batch_size: int, device: torch.device, num_workers: int | None
+) -> DataLoader:
+    """The loader :func:`evaluate` reads ``dataset`` with: every expression in order."""
+    return make_loader(dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -170,18 +178,21 @@ def evaluate(
     batch_size: int = 16,
     resolution: str = "input",
     num_workers: int | None = 0,
+    loader: DataLoader | None = None,
 ) -> Evaluation:
     """Every expression of ``dataset``: IoU of the argmax mask, and the split's metrics.
 
     ``resolution="input"`` compares at the model's input size against the ground truth
     resized nearest (LAVT's protocol); ``"original"`` upsamples the logits (bilinear) to each
-    image's own size and compares with the full-resolution mask.
+    image's own size and compares with the full-resolution mask. ``loader``: batches of
+    ``dataset`` from a loader made once (:func:`eval_loader`) instead of a new one.
     """
     if resolution not in ("input", "original"):
         raise ValueError(f"resolution must be 'input' or 'original', not {resolution!r}")
     was_training = model.training
     model.eval()
-    loader = make_loader(dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+    if loader is None:
+        loader = eval_loader(dataset, batch_size=batch_size, device=device, num_workers=num_workers)
     results: list[ExpressionResult] = []
     try:
         for batch in loader:
@@ -515,6 +526,13 @@ def train_supervised(
         train_set, batch_size=cfg.batch_size, sampler=sampler, device=device, num_workers=cfg.num_workers,
         seed=cfg.seed,
     )  # fmt: skip
+    val_loader = None
+    if val_set is not None and info.is_main:
+        val_loader = eval_loader(
+            val_set, batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers
+        )
+    batches = iter(loader)
+    start_workers(val_loader)  # forked now, not from the process the training steps have grown
     t0, losses, final = time.perf_counter(), [], None
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
@@ -527,7 +545,7 @@ def train_supervised(
             )  # fmt: skip
 
     step = start
-    for batch in loader:
+    for batch in batches:
         # batch, step
         lr = optimizer.param_groups[0]["lr"]
         losses.append(
@@ -542,9 +560,7 @@ def train_supervised(
         # evaluate
         if val_set is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
             if info.is_main:
-                final = evaluate(
-                    model, val_set, device=device, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers
-                )
+                final = evaluate(model, val_set, device=device, loader=val_loader)
                 if on_metrics is not None:
                     on_metrics(step, {f"val/{k}": v for k, v in final.metrics.items() if k != "count"})
             distributed.barrier()
@@ -555,7 +571,5 @@ def train_supervised(
         if step == end:
             break
     if final is None and val_set is not None and step == cfg.steps and info.is_main:
-        final = evaluate(  # resumed when done
-            model, val_set, device=device, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers
-        )
+        final = evaluate(model, val_set, device=device, loader=val_loader)  # resumed when done
     return LoopResult(steps=step, resumed_from=start, seconds=time.perf_counter() - t0, final_eval=final)
