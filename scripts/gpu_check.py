@@ -602,7 +602,7 @@ def step_inputs(spec, sizes: Sizes, device: torch.device, seed: int = 0):
 
 def head(batch, n: int):
     """The first ``n`` samples of a batch (every field sliced)."""
-    return batch._replace(**{k: v[:n] for k, v in batch._asdict().items()})
+    return batch._replace(**{k: v[:n] for k, v in batch._asdict().items() if v is not None})
 
 
 def public_style_step(student, teacher, lab, unl, optimizer, scheduler, *, cfg, device) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -72,23 +72,24 @@ class View:
 
 @dataclass(frozen=True)
 class DeferredMasks:
-    """Bit-packed masks read when the view is done: ``read(mirrored)`` gives them, mirrored
-    left-right or not. A flip only toggles ``mirrored``: the proposals store mirrors the
-    masks' edges as it decodes them, instead of the bytes being reversed after."""
+    """Bit-packed masks read when the view is done: ``read(mirrored)`` gives them (in the
+    reader's form), mirrored left-right or not. A flip only toggles ``mirrored``: the
+    proposals store mirrors the masks' edges as it decodes them, instead of the bytes being
+    reversed after."""
 
-    read: Callable[[bool], torch.Tensor]
+    read: Callable[[bool], Any]
     mirrored: bool = False
 
     def flip(self) -> DeferredMasks:
         return replace(self, mirrored=not self.mirrored)
 
-    def tensor(self) -> torch.Tensor:
+    def value(self) -> Any:
         return self.read(self.mirrored)
 
 
-def packed_tensor(masks: torch.Tensor | DeferredMasks) -> torch.Tensor:
-    """A :attr:`View.packed` entry as its tensor (reading it if deferred)."""
-    return masks.tensor() if isinstance(masks, DeferredMasks) else masks
+def packed_tensor(masks: torch.Tensor | DeferredMasks) -> Any:
+    """A :attr:`View.packed` entry as read (reading it now if deferred)."""
+    return masks.value() if isinstance(masks, DeferredMasks) else masks
 
 
 Transform = Callable[[View, torch.Generator], View]

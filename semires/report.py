@@ -571,7 +571,7 @@ def pseudo_label_examples(
                 sentence=batch.sentence[k],
                 gt=batch.gt[k].bool().numpy(),
                 teacher=r.raw[k].bool().cpu().numpy(),
-                proposals=unpack_bits(batch.proposals[k, :n], batch.weak.shape[-1]).numpy(),
+                proposals=unpack_bits(b.proposals[k, :n].cpu(), batch.weak.shape[-1]).numpy(),
                 refined=r.labels[k].bool().cpu().numpy(),
                 weights=r.weights[k].cpu().numpy(),
                 matched=bool(r.matched[k]),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -80,11 +81,13 @@ from semires.train import (
 class UnlabeledSample(NamedTuple):
     """One unlabeled expression (batched by :func:`collate_unlabeled`: a leading ``B``).
 
-    ``proposals`` is ``N x S x S/8`` uint8 per sample, the image's proposals at the input
-    size, bit-packed (:mod:`semires.bits`: what the loader collates and sends to the device,
-    which unpacks them as :func:`semires.refine.refine` needs them); in a batch
-    ``B x Nmax x S x S/8`` padded with empty masks, ``valid`` (``B x Nmax``) marking the
-    real ones.
+    The image's proposals at the input size ``S`` travel bit-packed (:mod:`semires.bits`)
+    and by their nonempty rows, a few percent of the whole: ``proposals`` holds those rows,
+    ``R x S/8`` uint8, and ``proposal_rows`` (``R`` int64) where each goes in the ``N x S``
+    rows of the sample's masks, or in a batch in the ``B x Nmax x S`` rows of the batch's
+    (padded with empty masks, ``valid``, ``B x Nmax``, marking the real ones).
+    :func:`unlabeled_to_device` lays them out on the device as ``B x Nmax x S x S/8``
+    (``proposal_rows`` None), which :func:`semires.refine.refine` unpacks chunk by chunk.
     """
 
     weak: torch.Tensor  # 3 x S x S in [0, 1]: what the teacher sees
@@ -93,12 +96,26 @@ class UnlabeledSample(NamedTuple):
     valid: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    gt: torch.Tensor  # S x S int64: hidden truth, diagnostics only
+    gt: torch.Tensor  # S x S uint8: hidden truth, diagnostics only
     index: int
     ref_id: int
     sent_id: int
     image_id: int
     sentence: str
+    proposal_rows: torch.Tensor | None = None  # None: ``proposals`` laid out whole
+
+
+def laid_out(sample: UnlabeledSample) -> torch.Tensor:
+    """The proposals of a sample or batch laid out whole, on their device: ``N x S x S/8``
+    or ``B x Nmax x S x S/8`` uint8 (zeros but the rows given)."""
+    if sample.proposal_rows is None:
+        return sample.proposals
+    lead, s = tuple(sample.valid.shape), sample.weak.shape[-1]
+    out = torch.zeros(
+        (math.prod(lead) * s, sample.proposals.shape[-1]), dtype=torch.uint8, device=sample.proposals.device
+    )
+    out.index_copy_(0, sample.proposal_rows, sample.proposals)
+    return out.view(*lead, s, sample.proposals.shape[-1])
 
 
 class UnlabeledDataset(ExpressionDataset):
@@ -142,12 +159,13 @@ class UnlabeledDataset(ExpressionDataset):
         self.geometric = geometric
         self.photometric = photometric
 
-    def proposals(self, image_id: int, mirrored: bool = False) -> torch.Tensor:
-        """The image's proposals, ``N x S x S/8`` uint8: nearest-resized (as the masks),
-        mirrored left-right if ``mirrored``, and bit-packed (:func:`semires.bits.unpack_bits`
-        gives ``N x S x S`` bool)."""
+    def proposals(self, image_id: int, mirrored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image's proposals nearest-resized (as the masks), mirrored left-right if
+        ``mirrored``, bit-packed, by their nonempty rows: ``(rows, where)``, see
+        :class:`UnlabeledSample` (:meth:`ProposalStore.packed_rows`)."""
         s = self.image_size
-        return torch.from_numpy(self.store.packed_masks(image_id, (s, s), mirror=mirrored))
+        where, rows = self.store.packed_rows(image_id, (s, s), mirror=mirrored)
+        return torch.from_numpy(rows), torch.from_numpy(where)
 
     def __getitem__(self, key: int | tuple[int, int]) -> UnlabeledSample:  # type: ignore[override]
         index, seed = (key, None) if isinstance(key, int) else key
@@ -164,38 +182,36 @@ class UnlabeledDataset(ExpressionDataset):
             view = self.geometric(view, gen)
         strong = self.photometric(view, gen).image if self.photometric is not None else view.image
         ids, att = self.tokenizer.encode([view.sentence], self.max_tokens)
-        props = packed_tensor(view.packed["proposals"])  # read now, mirrored if the view was flipped
+        rows, where = packed_tensor(view.packed["proposals"])  # read now, mirrored if the view was flipped
         return UnlabeledSample(
             weak=view.image,
             strong=strong,
-            proposals=props,
-            valid=torch.ones(props.shape[0], dtype=torch.bool),
+            proposals=rows,
+            valid=torch.ones(self.store.num_masks(ref.image_id), dtype=torch.bool),
             input_ids=ids[0],
             attention_mask=att[0],
-            gt=view.masks["gt"].long(),
+            gt=view.masks["gt"],
             index=index,
             ref_id=ref.ref_id,
             sent_id=ref.sent_ids[s],
             image_id=ref.image_id,
             sentence=view.sentence,
+            proposal_rows=where,
         )
 
 
 def collate_unlabeled(items: Sequence[UnlabeledSample]) -> UnlabeledSample:
-    """Stack a batch; proposals (bit-packed) padded to the batch's largest count with
-    ``valid`` False."""
-    n = max(it.proposals.shape[0] for it in items)
-    shape = items[0].proposals.shape[1:]
-    props = torch.zeros((len(items), n, *shape), dtype=torch.uint8)
+    """Stack a batch. The proposals stay rows (see :class:`UnlabeledSample`): each sample's
+    rows are placed in a batch of the largest count, ``valid`` False for the padding."""
+    n = max(len(it.valid) for it in items)
+    size = items[0].weak.shape[-1]
     valid = torch.zeros((len(items), n), dtype=torch.bool)
     for i, it in enumerate(items):
-        k = it.proposals.shape[0]
-        props[i, :k] = it.proposals
-        valid[i, :k] = True
+        valid[i, : len(it.valid)] = True
     return UnlabeledSample(
         weak=torch.stack([it.weak for it in items]),
         strong=torch.stack([it.strong for it in items]),
-        proposals=props,
+        proposals=torch.cat([it.proposals for it in items]),
         valid=valid,
         input_ids=torch.stack([it.input_ids for it in items]),
         attention_mask=torch.stack([it.attention_mask for it in items]),
@@ -205,6 +221,7 @@ def collate_unlabeled(items: Sequence[UnlabeledSample]) -> UnlabeledSample:
         sent_id=torch.tensor([it.sent_id for it in items]),
         image_id=torch.tensor([it.image_id for it in items]),
         sentence=[it.sentence for it in items],
+        proposal_rows=torch.cat([it.proposal_rows + i * n * size for i, it in enumerate(items)]),
     )
 
 
@@ -248,18 +265,22 @@ def collate_step(items: Sequence[Sample | UnlabeledSample]) -> tuple[Sample, Unl
 
 
 def unlabeled_to_device(batch: UnlabeledSample, device: torch.device) -> UnlabeledSample:
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
+    """The batch on ``device``, its proposals laid out there (:func:`laid_out`)."""
 
-    return batch._replace(
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
+
+    moved = batch._replace(
         weak=move(batch.weak),
         strong=move(batch.strong),
         proposals=move(batch.proposals),
+        proposal_rows=move(batch.proposal_rows),
         valid=move(batch.valid),
         input_ids=move(batch.input_ids),
         attention_mask=move(batch.attention_mask),
         gt=move(batch.gt),
     )
+    return moved._replace(proposals=laid_out(moved), proposal_rows=None)
 
 
 # --- the step ------------------------------------------------------------------------------

@@ -27,9 +27,11 @@ from semires.semi import (
     SemiConfig,
     UnlabeledDataset,
     collate_unlabeled,
+    laid_out,
     pseudo_label_quality,
     semi_step,
     train_semi,
+    unlabeled_to_device,
     unsupervised_loss,
 )
 from semires.split import random_split
@@ -148,12 +150,12 @@ def test_weak_and_strong_views_share_the_geometry_of_their_proposals(project):
     i = next(k for k in range(len(plain)) if plain[k].proposals.shape[0] > 0)
     a, b = plain[i], flipped[(i, 5)]
     assert torch.equal(b.weak, a.weak.flip(-1))
-    assert torch.equal(unpack_bits(b.proposals, SIZE), unpack_bits(a.proposals, SIZE).flip(-1))
+    assert torch.equal(unpack_bits(laid_out(b), SIZE), unpack_bits(laid_out(a), SIZE).flip(-1))
     assert torch.equal(b.gt, a.gt.flip(-1))
     assert b.sentence == swap_left_right(a.sentence)
     assert b.strong.shape == b.weak.shape and not torch.equal(b.strong, b.weak)
     # every object's mask is a proposal: the flipped truth is one of the flipped proposals
-    assert any(torch.equal(p.long(), b.gt) for p in unpack_bits(b.proposals, SIZE))
+    assert any(torch.equal(p.to(torch.uint8), b.gt) for p in unpack_bits(laid_out(b), SIZE))
 
 
 def test_proposals_are_the_stores_masks_resized_nearest(project):
@@ -162,8 +164,11 @@ def test_proposals_are_the_stores_masks_resized_nearest(project):
     ds = unlabeled(project, spec)
     item = ds[0]
     want = ds.store.masks(item.image_id, size=(SIZE, SIZE))
-    assert item.proposals.dtype == torch.uint8 and item.proposals.shape == (len(want), SIZE, SIZE // 8)
-    assert torch.equal(unpack_bits(item.proposals, SIZE), want)
+    # the nonempty rows only travel, bit-packed, each with its place among the N x S rows
+    assert item.proposals.dtype == torch.uint8 and item.proposals.shape[1] == SIZE // 8
+    assert len(item.proposals) == int(want.any(-1).sum()) == len(item.proposal_rows)
+    whole = laid_out(item)
+    assert whole.shape == (len(want), SIZE, SIZE // 8) and torch.equal(unpack_bits(whole, SIZE), want)
 
 
 def test_collate_pads_proposals_and_marks_the_real_ones(project):
@@ -172,14 +177,19 @@ def test_collate_pads_proposals_and_marks_the_real_ones(project):
     ds = unlabeled(project, spec)
     counts = {}
     for k in range(len(ds)):
-        counts.setdefault(ds[k].proposals.shape[0], k)
+        counts.setdefault(len(ds[k].valid), k)  # proposals per sample
     assert 0 in counts, "the fixture has an image without proposals"
     items = [ds[k] for k in counts.values()]
     batch = collate_unlabeled(items)
     n = max(counts)
-    assert batch.proposals.shape == (len(items), n, SIZE, SIZE // 8)  # bit-packed
+    whole = laid_out(batch)
+    assert whole.shape == (len(items), n, SIZE, SIZE // 8)  # bit-packed
     assert batch.valid.sum(1).tolist() == list(counts)
-    assert not batch.proposals[~batch.valid].any()
+    assert not whole[~batch.valid].any()
+    for k, it in enumerate(items):
+        assert torch.equal(whole[k, : len(it.valid)], laid_out(it))
+    moved = unlabeled_to_device(batch, torch.device("cpu"))  # laid out where the batch goes
+    assert moved.proposal_rows is None and torch.equal(moved.proposals, whole)
 
 
 # --- the step and the loop -----------------------------------------------------------------
@@ -258,7 +268,7 @@ def test_pseudo_label_quality_scores_raw_and_refined_labels_against_the_truth(pr
     items = [ds[k] for k in range(len(ds))]
     batch = collate_unlabeled(items)
     prob = torch.ones(len(items), SIZE, SIZE)
-    r = refine(prob, batch.proposals, batch.valid, cfg)
+    r = refine(prob, laid_out(batch), batch.valid, cfg)
     gt = batch.gt.bool()
 
     def miou(pred):

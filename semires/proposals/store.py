@@ -283,16 +283,32 @@ def _edge_map(src: int, dst: int) -> np.ndarray:
     return out
 
 
-def resize_rows_packed(rows: np.ndarray, packed_rows: np.ndarray, n: int, h: int, out_h: int) -> np.ndarray:
+def pick_rows(rows: np.ndarray, packed_rows: np.ndarray, h: int, out_h: int) -> tuple[np.ndarray, np.ndarray]:
     """Masks given by their nonempty rows, already at the output width (as :func:`decode_rows`
-    gives them with ``width``) -> ``N x out_h x C`` uint8, bit-packed, rows picked nearest
-    (as ``F.interpolate``). Only the picked nonempty rows are copied."""
-    where = np.full(n * h, -1, np.int64)
-    where[rows] = np.arange(len(rows))
-    src = where[(np.arange(n)[:, None] * h + _nearest(h, out_h)).reshape(-1)]
-    dest = np.flatnonzero(src >= 0)
+    gives them with ``width``) -> the same for ``out_h`` rows each, picked nearest (as
+    ``F.interpolate``): the output rows' indices ``n * out_h + y`` (ascending) and their bits.
+    A source row is copied to each output row that picks it (none, one, or several)."""
+    first = _first_pick(h, out_h)  # output rows [first[y], first[y + 1]) pick source row y
+    mask, y = np.divmod(rows, h)
+    repeats = first[y + 1] - first[y]
+    start = np.repeat(mask * out_h + first[y] - _cumsum0(repeats)[:-1], repeats)
+    return start + np.arange(len(start)), np.repeat(packed_rows, repeats, axis=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _first_pick(src: int, dst: int) -> np.ndarray:
+    """``src + 1`` entries: the first of the ``dst`` outputs of nearest resizing whose source
+    is ``y`` or more (the outputs pick their sources in order)."""
+    out = np.searchsorted(_nearest(src, dst), np.arange(src + 1), side="left")
+    out.flags.writeable = False
+    return out
+
+
+def resize_rows_packed(rows: np.ndarray, packed_rows: np.ndarray, n: int, h: int, out_h: int) -> np.ndarray:
+    """:func:`pick_rows` laid out whole: ``N x out_h x C`` uint8, zeros but the picked rows."""
+    index, picked = pick_rows(rows, packed_rows, h, out_h)
     out = np.zeros((n * out_h, packed_rows.shape[1]), np.uint8)
-    out[dest] = packed_rows[src[dest]]
+    out[index] = picked
     return out.reshape(n, out_h, packed_rows.shape[1])
 
 
@@ -932,20 +948,32 @@ class ProposalStore:
         rows, packed_rows = decode_rows(self._encoded(j, n, h, w), n, h, w)
         return resize_rows(rows, packed_rows, n, h, w, (oh, ow), device=device)
 
-    def packed_masks(self, image_id: int, size: tuple[int, int], mirror: bool = False) -> np.ndarray:
-        """``N x h x ceil(w/8)`` uint8: the masks resized (nearest, as :meth:`masks`) to
-        ``size`` = ``(h, w)``, mirrored left-right if ``mirror``, and bit-packed (as
-        :func:`pack_masks`, per row), never unpacked on the way: what a data loader collates
-        and sends to the device, which unpacks it (:func:`semires.bits.unpack_bits`). Equal
-        to ``np.packbits(masks(image_id, size)[..., ::-1 if mirror else 1], axis=-1,
-        bitorder="little")``."""
+    def packed_rows(
+        self, image_id: int, size: tuple[int, int], mirror: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The masks resized (nearest, as :meth:`masks`) to ``size`` = ``(h, w)``, mirrored
+        left-right if ``mirror``, bit-packed (as :func:`pack_masks`, per row) and given by
+        their nonempty rows: ``(index, rows)``, ``index`` the rows' places ``n * h + y``
+        (int64, ascending) and ``rows`` their bits, ``R x ceil(w/8)`` uint8. Never unpacked on
+        the way, and a few percent of the whole: what a data loader collates and sends to the
+        device, which lays them out and unpacks them (:func:`semires.bits.unpack_bits`)."""
         j = self._index(image_id)
         n, h, w = int(self.counts[j]), int(self.heights[j]), int(self.widths[j])
         oh, ow = size
         if n * h * w == 0:
-            return np.zeros((n, oh, (ow + 7) // 8), np.uint8)
-        rows, packed_rows = decode_rows(self._encoded(j, n, h, w), n, h, w, width=ow, mirror=mirror)
-        return resize_rows_packed(rows, packed_rows, n, h, oh)
+            return np.zeros(0, np.int64), np.zeros((0, (ow + 7) // 8), np.uint8)
+        rows, packed = decode_rows(self._encoded(j, n, h, w), n, h, w, width=ow, mirror=mirror)
+        return pick_rows(rows, packed, h, oh)
+
+    def packed_masks(self, image_id: int, size: tuple[int, int], mirror: bool = False) -> np.ndarray:
+        """:meth:`packed_rows` laid out whole: ``N x h x ceil(w/8)`` uint8, equal to
+        ``np.packbits(masks(image_id, size)[..., ::-1 if mirror else 1], axis=-1,
+        bitorder="little")``."""
+        n, (oh, ow) = self.num_masks(image_id), size
+        index, rows = self.packed_rows(image_id, size, mirror)
+        out = np.zeros((n * oh, (ow + 7) // 8), np.uint8)
+        out[index] = rows
+        return out.reshape(n, oh, (ow + 7) // 8)
 
     def proposals(self, image_id: int) -> Proposals:
         """Everything stored for the image, at its own resolution."""
