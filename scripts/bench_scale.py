@@ -52,6 +52,7 @@ measures again). The printed markdown table shows ``--label``'s figures, with th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import io
 import json
@@ -137,6 +138,7 @@ class Options:
     quality: int = 64  # pseudo-label quality expressions
     refine_batch: int = 8
     refine_masks: int = 256
+    propose_procs: int = 2  # propose's processes (each writes its own shards)
 
 
 # --- the dataset ---------------------------------------------------------------------------
@@ -472,10 +474,23 @@ class Measured:
     peak_rss: int  # bytes: the largest sum over the process and its children at one sample
     peak_pss: int  # the same for PSS (a page shared by n processes counts 1/n in each)
     processes: int  # the most processes seen at once
+    own_peaks: int  # the sum of each process's own peak (as last seen), whenever they were
+    max_own_peak: int  # the largest of them
     rc: int
     tail: str = ""
     dir_bytes: int = 0  # the watched folder at its largest
     dir_files: int = 0
+
+
+def _hwm(pid: int) -> int:
+    """A process's own peak resident size so far (VmHWM), bytes; 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _dir_size(path: Path) -> tuple[int, int]:
@@ -493,13 +508,14 @@ def _dir_size(path: Path) -> tuple[int, int]:
 def run_measured(
     cmd: list[str], env: dict[str, str], *, log_path: Path, watch: Path | None = None
 ) -> Measured:
-    """Run ``cmd``; sample the memory of its process tree 10 times a second (PSS twice)."""
+    """Run ``cmd``; sample the resident memory of its process tree 10 times a second (the
+    tree itself once a second, PSS and each process's own peak every two seconds)."""
     import psutil
 
     start = time.perf_counter()
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        peak = {"rss": 0, "pss": 0, "n": 0, "bytes": 0, "files": 0}
+        peak = {"rss": 0, "pss": 0, "n": 0, "bytes": 0, "files": 0, "own": 0, "max_own": 0}
         done = threading.Event()
 
         def watch_dir() -> None:
@@ -511,26 +527,38 @@ def run_measured(
         if watcher is not None:
             watcher.start()
         root = psutil.Process(proc.pid)
+        tree: list[Any] = [root]
+        own_peaks: dict[int, int] = {}  # each process's own peak (VmHWM), the last seen
         k = 0
         while proc.poll() is None:
             try:
-                tree = [root, *root.children(recursive=True)]
-                rss = sum(p.memory_info().rss for p in tree)
+                if k % 10 == 0:  # the tree once a second: listing every process is not cheap
+                    tree = [root, *root.children(recursive=True)]
+                rss = 0
+                for p in tree:
+                    with contextlib.suppress(psutil.Error, OSError):
+                        rss += p.memory_info().rss
                 peak["rss"], peak["n"] = max(peak["rss"], rss), max(peak["n"], len(tree))
-                if k % 5 == 0:
-                    pss = sum(p.memory_full_info().pss for p in tree)
+                if k % 20 == 0:
+                    pss = 0
+                    for p in tree:
+                        with contextlib.suppress(psutil.Error, OSError):
+                            pss += p.memory_full_info().pss
+                            own_peaks[p.pid] = _hwm(p.pid) or own_peaks.get(p.pid, 0)
                     peak["pss"] = max(peak["pss"], pss)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, FileNotFoundError):
+            except (psutil.Error, OSError):
                 pass
             k += 1
             time.sleep(0.1)
+        peak["own"], peak["max_own"] = sum(own_peaks.values()), max(own_peaks.values(), default=0)
         done.set()
         if watcher is not None:
             watcher.join()
     text = log_path.read_text(errors="replace")
     return Measured(
         seconds=time.perf_counter() - start, peak_rss=peak["rss"], peak_pss=peak["pss"],
-        processes=peak["n"], rc=proc.returncode, tail=text[-3000:],
+        processes=peak["n"], own_peaks=peak["own"], max_own_peak=peak["max_own"], rc=proc.returncode,
+        tail=text[-3000:],
         dir_bytes=peak["bytes"], dir_files=peak["files"],
     )  # fmt: skip
 
@@ -821,16 +849,20 @@ class Bench:
         args_path = self.logs / "propose.args.json"
         args_path.write_text(json.dumps(args))
         cmd = [sys.executable, str(Path(__file__).resolve()), "child", "propose", str(args_path)]
-        self.log(
-            f"propose: {largest} train images, {self.spec.masks[0]}-{self.spec.masks[1]} SAM-like masks each"
-        )
+        procs = self.opts.propose_procs
+        if procs > 1:  # as SEMIRES_NPROC would: torchrun, each process its own shards
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+                   *cmd[1:]]  # fmt: skip
+        lo, hi = self.spec.masks
+        self.log(f"propose: {largest} train images, {lo}-{hi} SAM-like masks each, {procs} process(es)")
         m = run_measured(cmd, self.env, log_path=self.logs / "propose.log", watch=scratch)
         if m.rc != 0:
             raise RuntimeError(f"propose failed (exit {m.rc}):\n{m.tail}")
         store_bytes, store_files = _dir_size(store)
         done_line = next((ln for ln in m.tail.splitlines() if "[propose] done" in ln), "")
         self.put(
-            {"seconds": m.seconds, "peak_rss": m.peak_rss, "scratch_bytes": m.dir_bytes,
+            {"seconds": m.seconds, "peak_rss": m.peak_rss, "writer_peak": m.max_own_peak, "processes": procs,
+             "scratch_bytes": m.dir_bytes,
              "scratch_files": m.dir_files, "store_bytes": store_bytes, "store_files": store_files,
              "images": largest, "log": done_line},
             "propose",
@@ -913,7 +945,12 @@ class Bench:
                 "--scratch", str(size_dir / "scratch"), "--params", params,
             ]  # fmt: skip
             m = self.stage(f"{key}-train_semi", argv)
-            row = {"seconds": m.seconds, "peak_rss": m.peak_rss, "peak_pss": m.peak_pss}
+            row = {
+                "seconds": m.seconds,
+                "peak_rss": m.peak_rss,
+                "peak_pss": m.peak_pss,
+                "own_peaks": m.own_peaks,
+            }
             self.put({**row, "processes": m.processes, "steps": self.opts.steps}, key, "train_semi")
             self.log(
                 f"{key} train-semi: {m.seconds:.0f} s, peak RSS {m.peak_rss / 2**30:.2f} GB "
@@ -927,7 +964,12 @@ class Bench:
             ]  # fmt: skip
             m = self.stage(f"{key}-evaluate", argv)
             count = len(results.read_text().splitlines())
-            row = {"seconds": m.seconds, "peak_rss": m.peak_rss, "peak_pss": m.peak_pss}
+            row = {
+                "seconds": m.seconds,
+                "peak_rss": m.peak_rss,
+                "peak_pss": m.peak_pss,
+                "own_peaks": m.own_peaks,
+            }
             self.put({**row, "processes": m.processes, "expressions": count}, key, "evaluate")
             gb = m.peak_rss / 2**30
             self.log(f"{key} evaluate: {count} expressions, {m.seconds:.0f} s, peak RSS {gb:.2f} GB")
@@ -1012,8 +1054,10 @@ def table(
     p = results.get("propose") or (compare or {}).get("propose")
     if p:
         notes.append(
-            f"propose, {p['images']:,} images, SAM-like masks: {p['seconds'] / 60:.1f} min, peak RSS "
-            f"{_gb(p['peak_rss'])} GB; its scratch folder at most {p['scratch_bytes'] / 2**30:.2f} GB in "
+            f"propose, {p['images']:,} images, SAM-like masks, {p.get('processes', 1)} process(es): "
+            f"{p['seconds'] / 60:.1f} min, peak RSS {_gb(p['peak_rss'])} GB in all, "
+            f"{_gb(p.get('writer_peak', p['peak_rss']))} GB the largest process; "
+            f"its scratch folder at most {p['scratch_bytes'] / 2**30:.2f} GB in "
             f"{p['scratch_files']:,} files; the store {p['store_bytes'] / 2**30:.2f} GB in "
             f"{p['store_files']} files"
         )
