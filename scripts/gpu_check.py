@@ -5,8 +5,9 @@
 Three sections, each against the public SemiRES code's way of doing the same work:
 
 1. refinement (``semires.refine.refine``, IOM and CPI with PWA) on a batch of 8 teacher
-   masks with 100 proposals each at 480 x 480, against the per-mask Python loop: outputs
-   must be identical, and on CUDA the batched path runs under
+   masks with 100 proposals each at 480 x 480, bit-packed as the loader sends them, against
+   the per-mask Python loop on the unpacked masks: outputs must be identical, and on CUDA
+   the batched path runs under
    ``torch.cuda.set_sync_debug_mode("error")`` (any host sync is a failure);
 2. SAM proposals: a randomly initialised ViT-H whose mask head is shaped so that its
    masks look like a trained SAM's to the post-processing (``object_like``), on synthetic
@@ -241,16 +242,18 @@ def refine_inputs(b: int, n: int, size: int, device: torch.device, seed: int = 0
 
 
 def section_refine(sizes: Sizes, device: torch.device, deadline: float) -> dict[str, Any]:
+    from semires.bits import pack_bits
     from semires.refine import RefineConfig, refine
 
     b, n, s = sizes.refine_batch, sizes.refine_masks, sizes.refine_size
     prob, props, valid = refine_inputs(b, n, s, device)
+    packed = pack_bits(props)  # as the data loader sends them
     clock = Clock(device)
     out: dict[str, Any] = {"batch": b, "masks": n, "size": s, "strategies": {}}
     strategies = ("iom", "cpi")
     for k, strategy in enumerate(strategies):
         cfg = RefineConfig(strategy=strategy, pwa=True)
-        got = refine(prob, props, valid, cfg)
+        got = refine(prob, packed, valid, cfg)
         labels, weights, matched = loop_refine(prob, props, valid, cfg)
         identical = bool(
             torch.equal(got.labels, labels)
@@ -263,7 +266,7 @@ def section_refine(sizes: Sizes, device: torch.device, deadline: float) -> dict[
             torch.cuda.synchronize()
             try:
                 torch.cuda.set_sync_debug_mode("error")  # any implicit host sync raises
-                refine(prob, props, valid, cfg)
+                refine(prob, packed, valid, cfg)
                 no_sync = True
             except RuntimeError as e:
                 no_sync, sync_error = False, str(e).splitlines()[0][:200]
@@ -272,7 +275,7 @@ def section_refine(sizes: Sizes, device: torch.device, deadline: float) -> dict[
         left = deadline - time.perf_counter()
         share = left / (len(strategies) - k)
         fast = clock.repeat(
-            lambda cfg=cfg: refine(prob, props, valid, cfg),
+            lambda cfg=cfg: refine(prob, packed, valid, cfg),
             warmup=3,
             max_iters=sizes.refine_iters,
             deadline=time.perf_counter() + share * 0.3,
@@ -787,6 +790,7 @@ def build_lavt(preset_name: str, device: torch.device):
 
 def step_inputs(spec, sizes: Sizes, device: torch.device, seed: int = 0):
     """A labeled batch and an unlabeled batch as plain tensors on ``device``."""
+    from semires.bits import pack_bits
     from semires.data import Sample
     from semires.semi import UnlabeledSample
 
@@ -812,7 +816,7 @@ def step_inputs(spec, sizes: Sizes, device: torch.device, seed: int = 0):
     unl = UnlabeledSample(
         weak=weak,
         strong=(weak * 0.9 + 0.05).clamp(0, 1),
-        proposals=blobs((nu, sizes.step_masks), s, device, gen) > 0.6,
+        proposals=pack_bits(blobs((nu, sizes.step_masks), s, device, gen) > 0.6),  # as the loader sends them
         valid=torch.ones(nu, sizes.step_masks, dtype=torch.bool, device=device),
         input_ids=ids[nl:].to(device),
         attention_mask=att[nl:].to(device),
@@ -824,12 +828,14 @@ def step_inputs(spec, sizes: Sizes, device: torch.device, seed: int = 0):
 
 def head(batch, n: int):
     """The first ``n`` samples of a batch (every field sliced)."""
-    return batch._replace(**{k: v[:n] for k, v in batch._asdict().items()})
+    return batch._replace(**{k: v[:n] for k, v in batch._asdict().items() if v is not None})
 
 
 def public_style_step(student, teacher, lab, unl, optimizer, scheduler, *, cfg, device) -> dict[str, Any]:
     """``semi_step`` written the public code's way: float32 throughout (no autocast),
-    ``gc.collect()`` and ``torch.cuda.empty_cache()`` every step, the per-mask loop refinement."""
+    ``gc.collect()`` and ``torch.cuda.empty_cache()`` every step, the per-mask loop refinement
+    (on the proposals unpacked: the public code keeps them as bytes)."""
+    from semires.bits import unpack_bits
     from semires.ema import ema_update
     from semires.refine import Refined
     from semires.semi import unsupervised_loss
@@ -841,7 +847,8 @@ def public_style_step(student, teacher, lab, unl, optimizer, scheduler, *, cfg, 
     with torch.no_grad():
         t_logits = teacher(unl.weak, unl.input_ids, unl.attention_mask)
     prob = t_logits.softmax(dim=1)[:, 1]
-    labels, weights, matched = loop_refine(prob, unl.proposals, unl.valid, cfg.refine)
+    proposals = unpack_bits(unl.proposals, unl.weak.shape[-1])
+    labels, weights, matched = loop_refine(prob, proposals, unl.valid, cfg.refine)
     refined = Refined(labels=labels, weights=weights, matched=matched, raw=(prob > 0.5).long())
     b = lab.image.shape[0]
     logits = student(

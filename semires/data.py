@@ -8,23 +8,33 @@ which the default collate stacks field by field into a batch of the same type.
 Images come out square, resized to the model's input size (bilinear) and **not** normalised
 (values in [0, 1]): the model normalises, so colour augmentations can act on the raw image.
 Masks are resized nearest-neighbour.
+
+Memory does not grow with the dataset: an item is made from its files when asked for, and
+what a dataset keeps between items is bounded: decoded images (uint8, as the file holds
+them) in a least-recently-used cache of ``cache_mb`` megabytes per process, and its refs.
+:func:`make_loader` builds the DataLoader every stage uses: worker processes, kept alive
+for the whole run, pinned memory on CUDA.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from semires.annotations import RefRecord
+from semires.bits import flip_bits
 from semires.errors import SemiresError
 from semires.images import read_rgb
 from semires.model.text import TextTokenizer
@@ -48,13 +58,38 @@ class Sample(NamedTuple):
 class View:
     """What augmentations transform: an image, its masks, and the sentence.
 
-    ``masks`` maps names to ``... x H x W`` tensors (the ground truth as ``"gt"``; later e.g.
-    SAM proposals) so that every geometric transform moves them all with the image.
+    ``masks`` maps names to ``... x H x W`` tensors (the ground truth as ``"gt"``) and
+    ``packed`` to bit-packed ones, ``... x H x ceil(W/8)`` uint8 (:mod:`semires.bits`) or
+    :class:`DeferredMasks` (the SAM proposals as ``"proposals"``), so that every geometric
+    transform moves them all with the image.
     """
 
     image: torch.Tensor  # 3 x H x W float in [0, 1]
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     sentence: str = ""
+    packed: dict[str, torch.Tensor | DeferredMasks] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeferredMasks:
+    """Bit-packed masks read when the view is done: ``read(mirrored)`` gives them (in the
+    reader's form), mirrored left-right or not. A flip only toggles ``mirrored``: the
+    proposals store mirrors the masks' edges as it decodes them, instead of the bytes being
+    reversed after."""
+
+    read: Callable[[bool], Any]
+    mirrored: bool = False
+
+    def flip(self) -> DeferredMasks:
+        return replace(self, mirrored=not self.mirrored)
+
+    def value(self) -> Any:
+        return self.read(self.mirrored)
+
+
+def packed_tensor(masks: torch.Tensor | DeferredMasks) -> Any:
+    """A :attr:`View.packed` entry as read (reading it now if deferred)."""
+    return masks.value() if isinstance(masks, DeferredMasks) else masks
 
 
 Transform = Callable[[View, torch.Generator], View]
@@ -89,10 +124,15 @@ class HorizontalFlip:
     def __call__(self, view: View, gen: torch.Generator) -> View:
         if torch.rand((), generator=gen).item() >= self.p:
             return view
+        width = view.image.shape[-1]
         return View(
             image=view.image.flip(-1),
             masks={k: m.flip(-1) for k, m in view.masks.items()},
             sentence=swap_left_right(view.sentence),
+            packed={
+                k: m.flip() if isinstance(m, DeferredMasks) else flip_bits(m, width)
+                for k, m in view.packed.items()
+            },
         )
 
 
@@ -125,7 +165,11 @@ class ColourJitter:
 
 def load_image(path: Path) -> torch.Tensor:
     """``3 x H x W`` float in [0, 1]; a missing or broken file is a :class:`SemiresError`."""
-    image, _ = read_rgb(path)
+    return image_tensor(read_rgb(path)[0])
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """``H x W x 3`` uint8 -> ``3 x H x W`` float in [0, 1]."""
     return torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
 
 
@@ -143,12 +187,59 @@ def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     return out.reshape(*lead, size, size).to(mask.dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def nearest_source(src: int, dst: int) -> np.ndarray:
+    """The source index of each of ``dst`` outputs of nearest resizing, exactly as
+    ``F.interpolate(mode="nearest")`` picks it (asked of it once per pair of sizes)."""
+    grid = torch.arange(src, dtype=torch.float32).view(1, 1, src)
+    out = F.interpolate(grid, size=dst, mode="nearest").view(dst).long().numpy()
+    out.flags.writeable = False
+    return out
+
+
+def resize_mask_np(mask: np.ndarray, size: int) -> np.ndarray:
+    """``H x W`` -> ``size x size``, nearest: :func:`resize_mask`'s pixels, picked by index
+    instead of interpolated in float (a fraction of the time at 640 x 480)."""
+    rows, cols = nearest_source(mask.shape[0], size), nearest_source(mask.shape[1], size)
+    return np.take(np.take(mask, rows, axis=0), cols, axis=1)
+
+
+class ImageCache:
+    """Decoded images (``H x W x 3`` uint8) by key, least recently used first out, at most
+    ``max_bytes`` in all (0: keep nothing). One per dataset and process: a DataLoader
+    worker fills its own."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self.bytes = 0
+        self._items: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: int) -> np.ndarray | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: int, image: np.ndarray) -> None:
+        if image.nbytes > self.max_bytes or key in self._items:
+            return
+        while self.bytes + image.nbytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+        self._items[key] = image
+        self.bytes += image.nbytes
+
+
 class ExpressionDataset(Dataset):
     """Every (ref, sentence) pair of ``refs`` as a :class:`Sample` at ``image_size``.
 
     An index is an ``int`` (the expression) or ``(int, seed)``: the seed drives the
     augmentation, so a batch depends only on the sampler's output, never on worker state.
-    Resized images are cached in memory when ``cache_images`` (small datasets).
+    Decoded images are kept in an :class:`ImageCache` of ``cache_mb`` megabytes (0: none);
+    an item is the same with or without it.
     """
 
     def __init__(
@@ -160,7 +251,7 @@ class ExpressionDataset(Dataset):
         image_size: int,
         max_tokens: int,
         transform: Transform | None = None,
-        cache_images: bool = True,
+        cache_mb: float = 0,
     ) -> None:
         self.refs = [r for r in refs if r.sentences]  # a ref without sentences cannot be asked for
         self.image_dir = Path(image_dir)
@@ -168,27 +259,33 @@ class ExpressionDataset(Dataset):
         self.image_size = image_size
         self.max_tokens = max_tokens
         self.transform = transform
-        self.cache_images = cache_images
-        self._cache: dict[int, torch.Tensor] = {}
-        self.pairs: list[tuple[int, int]] = [
-            (r, s) for r, ref in enumerate(self.refs) for s in range(len(ref.sentences))
-        ]
-        first = [i for i, (_, s) in enumerate(self.pairs) if s == 0]
-        self._first = first  # expression index of each ref's first sentence
+        self.cache = ImageCache(int(cache_mb * 2**20))
+        counts = np.array([len(r.sentences) for r in self.refs], np.int64)
+        first = np.zeros(len(counts) + 1, np.int64)
+        np.cumsum(counts, out=first[1:])
+        # (ref, sentence) of every expression, as arrays: a list of tuples would be copied,
+        # page by page, into every DataLoader worker that reads it (reference counts)
+        ref_of = np.repeat(np.arange(len(counts)), counts)
+        self.pairs = np.stack([ref_of, np.arange(int(first[-1])) - first[ref_of]], axis=1)
+        self._first = first[:-1]  # expression index of each ref's first sentence
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def expression_of(self, ref_index: int, sentence_index: int) -> int:
-        return self._first[ref_index] + sentence_index
+        return int(self._first[ref_index]) + sentence_index
 
     def image(self, ref: RefRecord) -> torch.Tensor:
-        img = self._cache.get(ref.image_id)
-        if img is None:
-            img = resize_image(load_image(self.image_dir / ref.file_name), self.image_size)
-            if self.cache_images:
-                self._cache[ref.image_id] = img
-        return img
+        """The ref's image at the input size: ``3 x S x S`` float in [0, 1]."""
+        raw = self.cache.get(ref.image_id)
+        if raw is None:
+            raw = read_rgb(self.image_dir / ref.file_name)[0]
+            self.cache.put(ref.image_id, raw)
+        return resize_image(image_tensor(raw), self.image_size)
+
+    def mask(self, ref: RefRecord) -> torch.Tensor:
+        """The ref's ground truth at the input size: ``S x S`` uint8 (nearest)."""
+        return torch.from_numpy(resize_mask_np(ref.decode_mask().view(np.uint8), self.image_size))
 
     def full_mask(self, index: int) -> torch.Tensor:
         """The expression's ground truth at the image's own resolution, ``H x W`` bool."""
@@ -196,10 +293,9 @@ class ExpressionDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         index, seed = (key, None) if isinstance(key, int) else key
-        r, s = self.pairs[index]
+        r, s = (int(v) for v in self.pairs[index])
         ref = self.refs[r]
-        gt = resize_mask(torch.from_numpy(ref.decode_mask()).to(torch.uint8), self.image_size)
-        view = View(image=self.image(ref), masks={"gt": gt}, sentence=ref.sentences[s])
+        view = View(image=self.image(ref), masks={"gt": self.mask(ref)}, sentence=ref.sentences[s])
         if self.transform is not None:
             gen = torch.Generator().manual_seed(int(seed) if seed is not None else index)
             view = self.transform(view, gen)
@@ -285,3 +381,63 @@ def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 def num_epochs(steps: int, batch_size: int, world_size: int, num_refs: int) -> float:
     """How many passes over the refs ``steps`` steps make (for logs)."""
     return steps * batch_size * world_size / max(1, num_refs) if num_refs else math.inf
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def auto_workers(device: torch.device, processes_per_machine: int | None = None) -> int:
+    """DataLoader workers when ``num_workers`` is null: on a GPU, this process's share of the
+    CPU cores less one for the process itself, at most 8 (an unlabeled sample at 480 px
+    takes a core about 20-30 ms, and one GPU consumes about 70 a second with the paper's
+    model); on the CPU none: the training process's threads already use every core."""
+    if device.type == "cpu":
+        return 0
+    local = processes_per_machine or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = (os.cpu_count() or 1) // max(1, local)
+    return max(1, min(8, share - 1))
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    num_workers: int | None = None,
+    batch_size: int = 1,
+    sampler: Sampler | None = None,
+    batch_sampler: Sampler | None = None,
+    collate_fn: Callable | None = None,
+    seed: int = 0,
+) -> DataLoader:
+    """The DataLoader of every stage: in order (``sampler``, ``batch_sampler`` or the
+    dataset's own), batches of ``batch_size``; ``num_workers`` processes (None:
+    :func:`auto_workers`) that live as long as the loader (persistent), pinned memory on
+    CUDA. Its own seeded generator: starting it draws a seed, which must not move the global
+    RNG (an exact resume needs it still). Items depend on their keys alone, so the batches
+    are the same with any worker count."""
+    workers = auto_workers(device) if num_workers is None else num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size if batch_sampler is None else 1,
+        sampler=sampler,
+        batch_sampler=batch_sampler,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def start_workers(*loaders: DataLoader | None) -> None:
+    """Start the worker processes of persistent loaders now, while this process is small.
+
+    A worker is forked from the training process: forked after training steps it maps every
+    page the process has grown to (the allocator keeps memory it freed), and its resident
+    size counts them again. So a training loop starts the workers of its evaluation loaders
+    before the first step; an iteration started here and not consumed costs a few prefetched
+    batches, dropped when the loader is next iterated."""
+    for loader in loaders:
+        if loader is not None and loader.num_workers > 0:
+            iter(loader)

@@ -586,6 +586,7 @@ def pseudo_label_examples(
     refine the teacher's labels with the image's proposals as training does."""
     import torch
 
+    from semires.bits import unpack_bits
     from semires.logits import forward
     from semires.refine import refine
     from semires.semi import collate_unlabeled, unlabeled_to_device
@@ -609,7 +610,7 @@ def pseudo_label_examples(
                 sentence=batch.sentence[k],
                 gt=batch.gt[k].bool().numpy(),
                 teacher=r.raw[k].bool().cpu().numpy(),
-                proposals=batch.proposals[k, :n].numpy(),
+                proposals=unpack_bits(b.proposals[k, :n].cpu(), batch.weak.shape[-1]).numpy(),
                 refined=r.labels[k].bool().cpu().numpy(),
                 weights=r.weights[k].cpu().numpy(),
                 matched=bool(r.matched[k]),

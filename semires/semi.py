@@ -21,22 +21,33 @@ The hidden ground truth of the unlabeled expressions rides along for diagnostics
 from __future__ import annotations
 
 import copy
+import functools
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from semires import distributed
 from semires.annotations import RefRecord
-from semires.data import ExpressionDataset, Sample, StepSampler, Transform, View, resize_mask
+from semires.data import (
+    DeferredMasks,
+    ExpressionDataset,
+    Sample,
+    StepSampler,
+    Transform,
+    View,
+    make_loader,
+    packed_tensor,
+    start_workers,
+)
 from semires.ema import ema_update
 from semires.errors import SemiresError
 from semires.metrics import intersection_union, iou
@@ -51,6 +62,7 @@ from semires.train import (
     NonFiniteWatch,
     autocast,
     class_weight_tensor,
+    eval_loader,
     evaluate,
     gather_objects,
     load_checkpoint,
@@ -70,8 +82,13 @@ from semires.train import (
 class UnlabeledSample(NamedTuple):
     """One unlabeled expression (batched by :func:`collate_unlabeled`: a leading ``B``).
 
-    ``proposals`` is ``N x S x S`` bool per sample; in a batch ``B x Nmax x S x S`` padded
-    with empty masks, ``valid`` (``B x Nmax``) marking the real ones.
+    The image's proposals at the input size ``S`` travel bit-packed (:mod:`semires.bits`)
+    and by their nonempty rows, a few percent of the whole: ``proposals`` holds those rows,
+    ``R x S/8`` uint8, and ``proposal_rows`` (``R`` int64) where each goes in the ``N x S``
+    rows of the sample's masks, or in a batch in the ``B x Nmax x S`` rows of the batch's
+    (padded with empty masks, ``valid``, ``B x Nmax``, marking the real ones).
+    :func:`unlabeled_to_device` lays them out on the device as ``B x Nmax x S x S/8``
+    (``proposal_rows`` None), which :func:`semires.refine.refine` unpacks chunk by chunk.
     """
 
     weak: torch.Tensor  # 3 x S x S in [0, 1]: what the teacher sees
@@ -80,12 +97,26 @@ class UnlabeledSample(NamedTuple):
     valid: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    gt: torch.Tensor  # S x S int64: hidden truth, diagnostics only
+    gt: torch.Tensor  # S x S uint8: hidden truth, diagnostics only
     index: int
     ref_id: int
     sent_id: int
     image_id: int
     sentence: str
+    proposal_rows: torch.Tensor | None = None  # None: ``proposals`` laid out whole
+
+
+def laid_out(sample: UnlabeledSample) -> torch.Tensor:
+    """The proposals of a sample or batch laid out whole, on their device: ``N x S x S/8``
+    or ``B x Nmax x S x S/8`` uint8 (zeros but the rows given)."""
+    if sample.proposal_rows is None:
+        return sample.proposals
+    lead, s = tuple(sample.valid.shape), sample.weak.shape[-1]
+    out = torch.zeros(
+        (math.prod(lead) * s, sample.proposals.shape[-1]), dtype=torch.uint8, device=sample.proposals.device
+    )
+    out.index_copy_(0, sample.proposal_rows, sample.proposals)
+    return out.view(*lead, s, sample.proposals.shape[-1])
 
 
 class UnlabeledDataset(ExpressionDataset):
@@ -93,7 +124,9 @@ class UnlabeledDataset(ExpressionDataset):
 
     ``geometric`` moves image, hidden ground truth and proposals together (and may rewrite
     the sentence, e.g. a flip swaps left and right); ``photometric`` then makes the strong
-    view from the weak one. Proposals are cached per image, bit-packed, at the input size.
+    view from the weak one. Proposals are read from the store for every item, resized and
+    bit-packed without being unpacked (:meth:`ProposalStore.packed_masks`); nothing is kept
+    per image. The store opens its arrays lazily in each process that reads it.
     """
 
     def __init__(
@@ -107,7 +140,7 @@ class UnlabeledDataset(ExpressionDataset):
         max_tokens: int,
         geometric: Transform | None = None,
         photometric: Transform | None = None,
-        cache_images: bool = True,
+        cache_mb: float = 0,
     ) -> None:
         super().__init__(
             refs,
@@ -115,7 +148,7 @@ class UnlabeledDataset(ExpressionDataset):
             tokenizer,
             image_size=image_size,
             max_tokens=max_tokens,
-            cache_images=cache_images,
+            cache_mb=cache_mb,
         )
         self.store = proposals if isinstance(proposals, ProposalStore) else ProposalStore(proposals)
         missing = sorted({r.image_id for r in self.refs if r.image_id not in self.store})
@@ -126,27 +159,23 @@ class UnlabeledDataset(ExpressionDataset):
             )
         self.geometric = geometric
         self.photometric = photometric
-        self._props: dict[int, tuple[np.ndarray, int]] = {}
 
-    def proposals(self, image_id: int) -> torch.Tensor:
-        """The image's proposals, ``N x S x S`` bool (nearest-resized, as the masks)."""
+    def proposals(self, image_id: int, mirrored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image's proposals nearest-resized (as the masks), mirrored left-right if
+        ``mirrored``, bit-packed, by their nonempty rows: ``(rows, where)``, see
+        :class:`UnlabeledSample` (:meth:`ProposalStore.packed_rows`)."""
         s = self.image_size
-        hit = self._props.get(image_id)
-        if hit is None:
-            m = self.store.masks(image_id, size=(s, s)).numpy()
-            hit = (np.packbits(m, axis=-1), m.shape[0])
-            self._props[image_id] = hit
-        packed, n = hit
-        return torch.from_numpy(np.unpackbits(packed, axis=-1, count=s).astype(bool).reshape(n, s, s))
+        where, rows = self.store.packed_rows(image_id, (s, s), mirror=mirrored)
+        return torch.from_numpy(rows), torch.from_numpy(where)
 
     def __getitem__(self, key: int | tuple[int, int]) -> UnlabeledSample:  # type: ignore[override]
         index, seed = (key, None) if isinstance(key, int) else key
-        r, s = self.pairs[index]
+        r, s = (int(v) for v in self.pairs[index])
         ref = self.refs[r]
-        gt = resize_mask(torch.from_numpy(ref.decode_mask()).to(torch.uint8), self.image_size)
         view = View(
             image=self.image(ref),
-            masks={"gt": gt, "proposals": self.proposals(ref.image_id)},
+            masks={"gt": self.mask(ref)},
+            packed={"proposals": DeferredMasks(functools.partial(self.proposals, ref.image_id))},
             sentence=ref.sentences[s],
         )
         gen = torch.Generator().manual_seed(int(seed) if seed is not None else index)
@@ -154,37 +183,36 @@ class UnlabeledDataset(ExpressionDataset):
             view = self.geometric(view, gen)
         strong = self.photometric(view, gen).image if self.photometric is not None else view.image
         ids, att = self.tokenizer.encode([view.sentence], self.max_tokens)
-        props = view.masks["proposals"]
+        rows, where = packed_tensor(view.packed["proposals"])  # read now, mirrored if the view was flipped
         return UnlabeledSample(
             weak=view.image,
             strong=strong,
-            proposals=props,
-            valid=torch.ones(props.shape[0], dtype=torch.bool),
+            proposals=rows,
+            valid=torch.ones(self.store.num_masks(ref.image_id), dtype=torch.bool),
             input_ids=ids[0],
             attention_mask=att[0],
-            gt=view.masks["gt"].long(),
+            gt=view.masks["gt"],
             index=index,
             ref_id=ref.ref_id,
             sent_id=ref.sent_ids[s],
             image_id=ref.image_id,
             sentence=view.sentence,
+            proposal_rows=where,
         )
 
 
 def collate_unlabeled(items: Sequence[UnlabeledSample]) -> UnlabeledSample:
-    """Stack a batch; proposals padded to the batch's largest count with ``valid`` False."""
-    n = max(it.proposals.shape[0] for it in items)
-    size = items[0].proposals.shape[-2:]
-    props = torch.zeros((len(items), n, *size), dtype=torch.bool)
+    """Stack a batch. The proposals stay rows (see :class:`UnlabeledSample`): each sample's
+    rows are placed in a batch of the largest count, ``valid`` False for the padding."""
+    n = max(len(it.valid) for it in items)
+    size = items[0].weak.shape[-1]
     valid = torch.zeros((len(items), n), dtype=torch.bool)
     for i, it in enumerate(items):
-        k = it.proposals.shape[0]
-        props[i, :k] = it.proposals
-        valid[i, :k] = True
+        valid[i, : len(it.valid)] = True
     return UnlabeledSample(
         weak=torch.stack([it.weak for it in items]),
         strong=torch.stack([it.strong for it in items]),
-        proposals=props,
+        proposals=torch.cat([it.proposals for it in items]),
         valid=valid,
         input_ids=torch.stack([it.input_ids for it in items]),
         attention_mask=torch.stack([it.attention_mask for it in items]),
@@ -194,22 +222,66 @@ def collate_unlabeled(items: Sequence[UnlabeledSample]) -> UnlabeledSample:
         sent_id=torch.tensor([it.sent_id for it in items]),
         image_id=torch.tensor([it.image_id for it in items]),
         sentence=[it.sentence for it in items],
+        proposal_rows=torch.cat([it.proposal_rows + i * n * size for i, it in enumerate(items)]),
     )
 
 
-def unlabeled_to_device(batch: UnlabeledSample, device: torch.device) -> UnlabeledSample:
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
+class StepItems(Dataset):
+    """The teacher-student loop's two datasets as one: key ``(0, k)`` is ``labeled[k]`` and
+    ``(1, k)`` is ``unlabeled[k]``, so one pool of loader workers makes whole steps."""
 
-    return batch._replace(
+    def __init__(self, labeled: ExpressionDataset, unlabeled: UnlabeledDataset) -> None:
+        self.parts = (labeled, unlabeled)
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, key: tuple[int, object]) -> Sample | UnlabeledSample:
+        part, k = key
+        return self.parts[part][k]
+
+
+class StepBatches(Sampler):
+    """One list of :class:`StepItems` keys per step: the labeled sampler's keys of the step,
+    then the unlabeled sampler's (both pure functions of seed and step: exact resume)."""
+
+    def __init__(self, labeled: StepSampler, unlabeled: StepSampler) -> None:
+        self.labeled, self.unlabeled = labeled, unlabeled
+
+    def __len__(self) -> int:
+        return self.labeled.total_steps - self.labeled.start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, tuple[int, int]]]]:
+        for step in range(self.labeled.start_step, self.labeled.total_steps):
+            yield [(0, k) for k in self.labeled.keys_for_step(step)] + [
+                (1, k) for k in self.unlabeled.keys_for_step(step)
+            ]
+
+
+def collate_step(items: Sequence[Sample | UnlabeledSample]) -> tuple[Sample, UnlabeledSample]:
+    """A step's items -> ``(labeled batch, unlabeled batch)``."""
+    labeled = [it for it in items if isinstance(it, Sample)]
+    unlabeled = [it for it in items if isinstance(it, UnlabeledSample)]
+    return default_collate(labeled), collate_unlabeled(unlabeled)
+
+
+def unlabeled_to_device(batch: UnlabeledSample, device: torch.device) -> UnlabeledSample:
+    """The batch on ``device``, its proposals laid out there (:func:`laid_out`)."""
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
+
+    moved = batch._replace(
         weak=move(batch.weak),
         strong=move(batch.strong),
         proposals=move(batch.proposals),
+        proposal_rows=move(batch.proposal_rows),
         valid=move(batch.valid),
         input_ids=move(batch.input_ids),
         attention_mask=move(batch.attention_mask),
         gt=move(batch.gt),
     )
+    return moved._replace(proposals=laid_out(moved), proposal_rows=None)
 
 
 # --- the step ------------------------------------------------------------------------------
@@ -300,6 +372,21 @@ def semi_step(
 # --- diagnostics ---------------------------------------------------------------------------
 
 
+def quality_loader(
+    dataset: UnlabeledDataset,
+    indices: Sequence[int],
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int | None,
+) -> DataLoader:
+    """The loader :func:`pseudo_label_quality` reads the expressions ``indices`` with."""
+    return make_loader(
+        Subset(dataset, list(indices)), batch_size=batch_size, device=device, num_workers=num_workers,
+        collate_fn=collate_unlabeled,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def pseudo_label_quality(
     teacher: nn.Module,
@@ -309,21 +396,28 @@ def pseudo_label_quality(
     device: torch.device,
     batch_size: int = 32,
     indices: Sequence[int] | None = None,
+    num_workers: int | None = 0,
+    loader: DataLoader | None = None,
 ) -> dict[str, float]:
     """How good the pseudo-labels are, on unlabeled expressions with their hidden truth.
 
     The teacher labels each expression's un-augmented view; returns, in percent as the
     evaluation metrics: ``raw_mIoU`` / ``raw_oIoU`` of its hard masks, ``refined_mIoU`` /
     ``refined_oIoU`` after refinement, ``match_rate`` (share a proposal matched) and
-    ``pwa_share`` (share trained with PWA weights: unmatched, with PWA on).
+    ``pwa_share`` (share trained with PWA weights: unmatched, with PWA on). Batches of
+    ``batch_size`` come from a loader with ``num_workers`` processes
+    (:func:`quality_loader`), or from ``loader``, one made once; the refinement works
+    through their proposals in chunks, so memory stays bounded whatever the batch size and
+    proposal count.
     """
     was_training = teacher.training
     teacher.eval()
     idx = list(range(len(dataset))) if indices is None else list(indices)
     inter_raw, union_raw, inter_ref, union_ref, matched = [], [], [], [], []
+    if loader is None:
+        loader = quality_loader(dataset, idx, batch_size=batch_size, device=device, num_workers=num_workers)
     try:
-        for start in range(0, len(idx), batch_size):
-            batch = collate_unlabeled([dataset[i] for i in idx[start : start + batch_size]])
+        for batch in loader if idx else ():
             b = unlabeled_to_device(batch, device)
             with autocast(device):
                 logits = teacher(b.weak, b.input_ids, b.attention_mask)
@@ -410,8 +504,8 @@ def train_semi(
         start = restore(ckpt, student, optimizer, scheduler, info, cfg.seed)
     net = DistributedDataParallel(student) if info.world_size > 1 else student
 
-    def loader(dataset, batch_size, seed, collate=None):
-        sampler = StepSampler(
+    def sampler(dataset, batch_size, seed):
+        return StepSampler(
             dataset,
             batch_size=batch_size,
             total_steps=cfg.steps,
@@ -420,27 +514,35 @@ def train_semi(
             rank=info.rank,
             world_size=info.world_size,
         )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=cfg.num_workers,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(seed),
-            pin_memory=device.type == "cuda",
-        )
 
-    labeled_loader = loader(labeled_set, cfg.batch_size, cfg.seed)
-    unlabeled_loader = loader(unlabeled_set, cfg.unlabeled_batch_size, cfg.seed + 1, collate_unlabeled)
+    steps = StepBatches(
+        sampler(labeled_set, cfg.batch_size, cfg.seed),
+        sampler(unlabeled_set, cfg.unlabeled_batch_size, cfg.seed + 1),
+    )
+    loader = make_loader(
+        StepItems(labeled_set, unlabeled_set), batch_sampler=steps, collate_fn=collate_step,
+        device=device, num_workers=cfg.num_workers, seed=cfg.seed,
+    )  # fmt: skip
+    # evaluation loaders made once, their workers forked now (start_workers), not at every
+    # evaluation from the process the training steps have grown
+    val_loader = q_loader = None
+    if info.is_main and val_set is not None:
+        val_loader = eval_loader(
+            val_set, batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers
+        )
+    if info.is_main and quality_set is not None:
+        picks = range(len(quality_set)) if quality_indices is None else quality_indices
+        q_loader = quality_loader(
+            quality_set, picks, batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers
+        )
+    batches = iter(loader)
+    start_workers(val_loader, q_loader)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
     def quality() -> dict[str, float] | None:
         if quality_set is None or not info.is_main:
             return None
-        return pseudo_label_quality(
-            teacher, quality_set, cfg.refine, device=device, batch_size=cfg.eval_batch_size,
-            indices=quality_indices,
-        )  # fmt: skip
+        return pseudo_label_quality(teacher, quality_set, cfg.refine, device=device, loader=q_loader)
 
     def save(step: int) -> None:
         states = gather_objects(rng_state())
@@ -460,7 +562,7 @@ def train_semi(
     last_quality = first_quality
     watch, saved = NonFiniteWatch(device), (start or None)
     step = start
-    for lab, unl in zip(labeled_loader, unlabeled_loader, strict=True):
+    for lab, unl in batches:
         lr = optimizer.param_groups[0]["lr"]
         stats = semi_step(net, teacher, lab, unl, optimizer, scheduler, cfg=cfg, device=device)
         for k, v in stats.items():
@@ -482,7 +584,7 @@ def train_semi(
         if at_eval:
             if info.is_main:
                 if val_set is not None:
-                    final = evaluate(unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size)
+                    final = evaluate(unwrap(net), val_set, device=device, loader=val_loader)
                 q = quality()
                 last_quality = q if q is not None else last_quality
                 if on_metrics is not None:
@@ -497,7 +599,7 @@ def train_semi(
         if step == end:
             break
     if final is None and val_set is not None and step == cfg.steps and info.is_main:
-        final = evaluate(unwrap(net), val_set, device=device, batch_size=cfg.eval_batch_size)
+        final = evaluate(unwrap(net), val_set, device=device, loader=val_loader)
         last_quality = quality()
     return SemiResult(
         steps=step,

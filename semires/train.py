@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from semires import distributed
 from semires.atomic import atomic_path
-from semires.data import ExpressionDataset, Sample, StepSampler
+from semires.data import ExpressionDataset, Sample, StepSampler, make_loader, start_workers
 from semires.errors import CollectiveError, SemiresError
 from semires.logits import difference, foreground, forward
 from semires.metrics import intersection_union, iou, summarize
@@ -170,6 +170,13 @@ class Evaluation:
     metrics: dict[str, float]
 
 
+def eval_loader(
+    dataset: ExpressionDataset, *, batch_size: int, device: torch.device, num_workers: int | None
+) -> DataLoader:
+    """The loader :func:`evaluate` reads ``dataset`` with: every expression in order."""
+    return make_loader(dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -178,23 +185,23 @@ def evaluate(
     device: torch.device,
     batch_size: int = 16,
     resolution: str = "input",
-    num_workers: int = 0,
+    num_workers: int | None = 0,
+    loader: DataLoader | None = None,
 ) -> Evaluation:
     """Every expression of ``dataset``: IoU of the argmax mask, and the split's metrics.
 
     ``resolution="input"`` compares at the model's input size against the ground truth
     resized nearest (LAVT's protocol); ``"original"`` upsamples the logits (bilinear) to each
     image's own size, as prediction does (:func:`semires.logits.foreground`), and compares
-    with the full-resolution mask.
+    with the full-resolution mask. ``loader``: batches of ``dataset`` from a loader made once
+    (:func:`eval_loader`) instead of a new one.
     """
     if resolution not in ("input", "original"):
         raise ValueError(f"resolution must be 'input' or 'original', not {resolution!r}")
     was_training = model.training
     model.eval()
-    # Its own generator: starting a DataLoader draws a seed, which must not move the global RNG.
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator()
-    )
+    if loader is None:
+        loader = eval_loader(dataset, batch_size=batch_size, device=device, num_workers=num_workers)
     results: list[ExpressionResult] = []
     try:
         for batch in loader:
@@ -539,7 +546,7 @@ class LoopConfig:
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 50
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = 0  # DataLoader workers (None: semires.data.auto_workers)
     eval_batch_size: int = 32
 
 
@@ -597,13 +604,17 @@ def train_supervised(
         rank=info.rank,
         world_size=info.world_size,
     )
-    loader = DataLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG for the model's own draws
-    )
+    loader = make_loader(
+        train_set, batch_size=cfg.batch_size, sampler=sampler, device=device, num_workers=cfg.num_workers,
+        seed=cfg.seed,
+    )  # fmt: skip
+    val_loader = None
+    if val_set is not None and info.is_main:
+        val_loader = eval_loader(
+            val_set, batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers
+        )
+    batches = iter(loader)
+    start_workers(val_loader)  # forked now, not from the process the training steps have grown
     t0, losses, final = time.perf_counter(), [], None
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
 
@@ -617,7 +628,7 @@ def train_supervised(
 
     watch, saved = NonFiniteWatch(device), (start or None)
     step = start
-    for batch in loader:
+    for batch in batches:
         # batch, step
         lr = optimizer.param_groups[0]["lr"]
         losses.append(
@@ -638,7 +649,7 @@ def train_supervised(
         # evaluate
         if at_eval:
             if info.is_main:
-                final = evaluate(model, val_set, device=device, batch_size=cfg.eval_batch_size)
+                final = evaluate(model, val_set, device=device, loader=val_loader)
                 if on_metrics is not None:
                     on_metrics(step, {f"val/{k}": v for k, v in final.metrics.items() if k != "count"})
             distributed.barrier()
@@ -650,5 +661,5 @@ def train_supervised(
         if step == end:
             break
     if final is None and val_set is not None and step == cfg.steps and info.is_main:
-        final = evaluate(model, val_set, device=device, batch_size=cfg.eval_batch_size)  # resumed when done
+        final = evaluate(model, val_set, device=device, loader=val_loader)  # resumed when done
     return LoopResult(steps=step, resumed_from=start, seconds=time.perf_counter() - t0, final_eval=final)

@@ -32,7 +32,7 @@ from stages.common import (
     open_live,
     stage_command,
 )
-from stages.params import DatasetParams, check, section
+from stages.params import LOADER_KEYS, DatasetParams, check, check_loader, section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +100,11 @@ class BurnInParams:
     eval_every: int = 2000  # 0: validate only at the end
     checkpoint_every: int = 500
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; null: auto (see check_loader)
+    image_cache_mb: int = 128  # decoded images kept per dataset and loading process
 
     def __post_init__(self) -> None:
+        check_loader("burn_in", self.num_workers, self.image_cache_mb)
         check(self.steps >= 1, "burn_in.steps", self.steps, "expected at least 1 step")
         check(self.steps <= MAX_STEPS, "burn_in.steps", self.steps, f"expected 1..{MAX_STEPS:,} steps")
         check(
@@ -143,7 +145,6 @@ class BurnInParams:
             self.eval_every,
             "expected 0 (end only) or a step count",
         )
-        check(self.num_workers >= 0, "burn_in.num_workers", self.num_workers, "expected 0 or more workers")
 
 
 def model_config(p: ModelParams) -> ModelConfig:
@@ -212,7 +213,8 @@ def run_key(spec: ModelSpec, p: BurnInParams, labeled: list[int], anns_path: Pat
     """Names the run's inputs: a resume continues only a run of the same model, data and params."""
     h = hashlib.sha256()
     h.update(spec.fingerprint().encode())
-    h.update(json.dumps(dataclasses.asdict(p), sort_keys=True).encode())
+    learning = {k: v for k, v in dataclasses.asdict(p).items() if k not in LOADER_KEYS}
+    h.update(json.dumps(learning, sort_keys=True).encode())
     h.update(json.dumps(labeled).encode())
     h.update(hashlib.md5(anns_path.read_bytes()).hexdigest().encode())
     return h.hexdigest()[:16]
@@ -261,8 +263,9 @@ def _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp,
 
     def dataset(rs):
         return ExpressionDataset(
-            rs, dp.image_dir, tok, image_size=spec.config.image_size, max_tokens=spec.config.max_tokens
-        )
+            rs, dp.image_dir, tok, image_size=spec.config.image_size, max_tokens=spec.config.max_tokens,
+            cache_mb=bp.image_cache_mb,
+        )  # fmt: skip
 
     val_refs = anns.in_split("val")
     train_set, val_set = dataset(refs), (dataset(val_refs) if val_refs else None)

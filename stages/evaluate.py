@@ -21,9 +21,10 @@ from semires.atomic import atomic_path, write_json
 from semires.data import ExpressionDataset
 from semires.errors import SemiresError
 from semires.inference import load_networks
+from semires.train import eval_loader
 from semires.train import evaluate as evaluate_model
 from stages.common import DEFAULT_PARAMS, AnnsOption, ParamsOption, log, stage_command
-from stages.params import DatasetParams, check, section
+from stages.params import DatasetParams, check, check_loader, section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +34,11 @@ class EvaluateParams:
     batch_size: int = 16
     resolution: str = "input"  # input: at the model's input size (the paper's); original: image size
     splits: list[str] | None = None  # null: every split but train that the dataset has
+    num_workers: int | None = None  # DataLoader workers; null: auto (none on the CPU)
+    image_cache_mb: int = 128  # decoded images kept per loading process
 
     def __post_init__(self) -> None:
+        check_loader("evaluate", self.num_workers, self.image_cache_mb)
         check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "expected a positive batch size")
         check(
             self.resolution in ("input", "original"),
@@ -151,14 +155,15 @@ def evaluate(
                 tok,
                 image_size=spec.config.image_size,
                 max_tokens=spec.config.max_tokens,
+                cache_mb=ep.image_cache_mb,
+            )
+            # one loader (and worker pool) per split, for the teacher and the student alike
+            loader = eval_loader(
+                data, batch_size=ep.batch_size, device=first.device, num_workers=ep.num_workers
             )
             for net, model in networks.items():
                 ev = evaluate_model(
-                    model.network,
-                    data,
-                    device=model.device,
-                    batch_size=ep.batch_size,
-                    resolution=ep.resolution,
+                    model.network, data, device=model.device, resolution=ep.resolution, loader=loader
                 )
                 scores[net][split] = ev.metrics
                 for r in ev.results:

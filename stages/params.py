@@ -236,3 +236,29 @@ class DatasetParams:
             self.split_by,
             f"{self.name} is published with {', '.join(SPLITS_BY[self.name])}",
         )
+
+
+# Knobs of how data is loaded, not of what is learnt: the same batches with any value, so a
+# run with other values continues a killed one (they are left out of the run keys).
+LOADER_KEYS = ("num_workers", "image_cache_mb")
+
+
+def check_loader(section_name: str, num_workers: int | None, image_cache_mb: int) -> None:
+    """The loader knobs every training and evaluation section has.
+
+    ``num_workers``: DataLoader worker processes; null (auto) is none on the CPU (the
+    training process's threads use every core) and, on a GPU, the process's share of the
+    cores less one, at most 8 (:func:`semires.data.auto_workers`). ``image_cache_mb``:
+    decoded images (uint8) each loading process keeps per dataset, least recently used out."""
+    check(
+        num_workers is None or num_workers >= 0,
+        f"{section_name}.num_workers",
+        num_workers,
+        "expected null (auto: none on the CPU, the CPU cores less one on a GPU) or 0 or more workers",
+    )
+    check(
+        0 <= image_cache_mb <= 1 << 20,
+        f"{section_name}.image_cache_mb",
+        image_cache_mb,
+        "expected megabytes of decoded images to keep per dataset and process, 0 for none",
+    )

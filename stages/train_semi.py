@@ -43,7 +43,7 @@ from stages.common import (
     open_live,
     stage_command,
 )
-from stages.params import DatasetParams, check, section
+from stages.params import LOADER_KEYS, DatasetParams, check, check_loader, section
 
 STRATEGIES = {"iom": "iom", "cpi": "cpi", "raw": "none"}
 CONTROL = "supervised"
@@ -119,9 +119,11 @@ class SemiParams:
     eval_every: int = 2000
     checkpoint_every: int = 500
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers (one pool for both halves of a step); null: auto
+    image_cache_mb: int = 128  # decoded images kept per dataset and loading process
 
     def __post_init__(self) -> None:
+        check_loader("semi", self.num_workers, self.image_cache_mb)
         check(len(self.fractions) > 0, "semi.fractions", self.fractions, "expected at least one fraction")
         for i, f in enumerate(self.fractions):
             check(
@@ -158,7 +160,6 @@ class SemiParams:
         check(0 <= self.ema_rate <= 1, "semi.ema_rate", self.ema_rate, "expected a rate in [0, 1]")
         check(self.quality_samples >= 0, "semi.quality_samples", self.quality_samples, "expected >= 0")
         check(self.eval_every >= 0, "semi.eval_every", self.eval_every, "expected 0 (end only) or steps")
-        check(self.num_workers >= 0, "semi.num_workers", self.num_workers, "expected 0 or more workers")
 
     def refine_config(self, method: str) -> RefineConfig:
         parsed = parse_method(method)
@@ -178,8 +179,8 @@ def run_key(method: str, p: SemiParams, labeled: list[int], anns: Path, burn_in:
     """Names the run's inputs: a resume continues only a run of the same inputs and params."""
     h = hashlib.sha256()
     params = dataclasses.asdict(p)
-    params.pop("fractions")
-    params.pop("methods")
+    for k in ("fractions", "methods", *LOADER_KEYS):
+        params.pop(k)
     h.update(json.dumps({"method": method, "params": params, "labeled": labeled}, sort_keys=True).encode())
     h.update(_file_md5(anns).encode())
     h.update(_file_md5(burn_in).encode())
@@ -252,10 +253,13 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
     scratch = scratch_root / f"{method}-{split_path.stem}-{key}"
     tok = spec.make_tokenizer()
     size, tokens = spec.config.image_size, spec.config.max_tokens
-    labeled_set = ExpressionDataset(lab_refs, dp.image_dir, tok, image_size=size, max_tokens=tokens)
+    cache = sp.image_cache_mb
+    labeled_set = ExpressionDataset(
+        lab_refs, dp.image_dir, tok, image_size=size, max_tokens=tokens, cache_mb=cache
+    )
     val_refs = anns.in_split("val")
     val_set = (
-        ExpressionDataset(val_refs, dp.image_dir, tok, image_size=size, max_tokens=tokens)
+        ExpressionDataset(val_refs, dp.image_dir, tok, image_size=size, max_tokens=tokens, cache_mb=cache)
         if val_refs
         else None
     )
@@ -311,10 +315,10 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
         photometric = ColourJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)
         unl_set = UnlabeledDataset(
             unl_refs, dp.image_dir, tok, store, image_size=size, max_tokens=tokens,
-            geometric=geometric, photometric=photometric,
+            geometric=geometric, photometric=photometric, cache_mb=cache,
         )  # fmt: skip
         quality_set = UnlabeledDataset(
-            unl_refs, dp.image_dir, tok, unl_set.store, image_size=size, max_tokens=tokens
+            unl_refs, dp.image_dir, tok, unl_set.store, image_size=size, max_tokens=tokens, cache_mb=cache
         )
         n = len(quality_set)
         picks = sorted(random.Random(sp.seed).sample(range(n), min(n, sp.quality_samples)))

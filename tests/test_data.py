@@ -6,14 +6,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from semires.bits import pack_bits
 from semires.data import (
     ColourJitter,
     Compose,
     ExpressionDataset,
     HorizontalFlip,
+    ImageCache,
     Sample,
     StepSampler,
     View,
+    make_loader,
+    resize_mask,
+    resize_mask_np,
     swap_left_right,
 )
 from semires.errors import SemiresError
@@ -107,10 +112,12 @@ def test_flip_swaps_left_and_right_and_moves_masks_with_the_image():
         "the shape right of the rightmost circle on the left"
     )
     img = torch.rand(3, 4, 5)
-    view = View(img, {"gt": torch.eye(4, 5), "proposals": torch.rand(2, 4, 5)}, "the left square")
+    props = torch.rand(2, 4, 5) > 0.5
+    view = View(img, {"gt": torch.eye(4, 5)}, "the left square", packed={"proposals": pack_bits(props)})
     out = HorizontalFlip(p=1.0)(view, torch.Generator().manual_seed(0))
     assert torch.equal(out.image, img.flip(-1)) and out.sentence == "the right square"
     assert all(torch.equal(out.masks[k], view.masks[k].flip(-1)) for k in view.masks)
+    assert torch.equal(out.packed["proposals"], pack_bits(props.flip(-1)))
 
 
 def test_augmentation_is_seeded_by_the_sampler_key(synth):
@@ -126,3 +133,47 @@ def test_missing_image_names_the_file(synth, tmp_path):
     ds = ExpressionDataset(anns.refs, tmp_path, tok, image_size=32, max_tokens=12)
     with pytest.raises(SemiresError, match=r"image not found; check dataset.image_dir"):
         ds[0]
+
+
+@pytest.mark.parametrize(("h", "w"), [(480, 640), (427, 640), (64, 96), (7, 300), (33, 33)])
+@pytest.mark.parametrize("size", [32, 64, 480])
+def test_mask_picked_by_index_equals_interpolate_nearest(h, w, size):
+    mask = torch.rand(h, w, generator=torch.Generator().manual_seed(h + w)) > 0.5
+    want = resize_mask(mask.to(torch.uint8), size)
+    got = resize_mask_np(mask.numpy().view("uint8"), size)
+    assert torch.equal(torch.from_numpy(got), want)
+
+
+def test_image_cache_keeps_at_most_its_budget_least_recently_used_out():
+    cache = ImageCache(max_bytes=3000)
+    images = {i: torch.full((10, 10, 10), i, dtype=torch.uint8).numpy() for i in range(5)}  # 1000 B
+    for i in range(3):
+        cache.put(i, images[i])
+    cache.get(0)  # 0 is now the most recent, 1 the least
+    cache.put(3, images[3])
+    assert cache.get(1) is None and cache.get(0) is not None and cache.bytes == 3000 and len(cache) == 3
+    cache.put(9, torch.zeros(40, 40, 3, dtype=torch.uint8).numpy())  # larger than the budget
+    assert cache.get(9) is None and cache.bytes <= 3000
+    assert ImageCache(0).get(0) is None
+
+
+def test_items_are_the_same_with_or_without_the_image_cache(synth):
+    plain, cached = make(synth), make(synth, cache_mb=0.05)  # room for a few small images
+    for i in range(len(plain)):
+        a, b = plain[i], cached[i]
+        assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask)
+    assert 0 < cached.cache.bytes <= 0.05 * 2**20 and len(plain.cache) == 0
+
+
+def test_loader_workers_give_the_batches_of_the_main_process(synth):
+    ds = make(synth, transform=Compose([HorizontalFlip(0.5), ColourJitter()]))
+
+    def batches(workers):
+        sampler = StepSampler(ds, batch_size=3, total_steps=4, seed=7)
+        loader = make_loader(
+            ds, batch_size=3, sampler=sampler, device=torch.device("cpu"), num_workers=workers
+        )
+        return list(loader)
+
+    for a, b in zip(batches(0), batches(2), strict=True):
+        assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask) and a.sentence == b.sentence

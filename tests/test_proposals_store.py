@@ -34,6 +34,7 @@ from semires.proposals.store import (
     pack_masks,
     resize_packed,
     resize_rows,
+    resize_rows_packed,
     unpack_masks,
     write_shard,
 )
@@ -151,6 +152,21 @@ def test_resize_on_packed_bits_equals_interpolate_nearest(h, w, size):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("size", [(16, 16), (64, 80), (150, 97), (45, 61), (7, 3), (45, 480)])
+def test_rows_resized_while_packed_equal_interpolate_nearest_packed(size):
+    """Edges moved to the output width (smooth masks) or bits picked (noise), rows picked."""
+    masks = _masks_of_every_kind(np.random.default_rng(9), 45, 61)
+    n = len(masks)
+    encoded = encode_masks(pack_masks(masks), n, 45, 61)
+    want = F.interpolate(torch.from_numpy(masks).float()[None], size=size, mode="nearest")[0] > 0.5
+    for mirror in (False, True):
+        rows, packed_rows = decode_rows(encoded, n, 45, 61, width=size[1], mirror=mirror)
+        got = resize_rows_packed(rows, packed_rows, n, 45, size[0])
+        assert got.dtype == np.uint8 and got.shape == (n, size[0], (size[1] + 7) // 8)
+        pixels = want.flip(-1) if mirror else want
+        assert np.array_equal(got, np.packbits(pixels.numpy(), axis=-1, bitorder="little"))
+
+
 def test_device_path_picks_the_same_bits():
     """The GPU path (bits picked by torch ops after the copy), run here on CPU tensors."""
     masks = np.random.default_rng(3).random((3, 21, 45)) > 0.5
@@ -231,6 +247,26 @@ def test_store_round_trip(tmp_path, proposals_images):
         "num_masks/c/0",
         "width/c/0",
     ]
+
+
+def test_packed_masks_at_a_size_are_the_resized_masks_packed(tmp_path, proposals_images):
+    import pickle
+
+    path = tmp_path / "p.zarr"
+    _write_store(path, proposals_images, shard_images=2)
+    s = ProposalStore(path)
+    for i in proposals_images:
+        for size in ((16, 16), (64, 40), (30, 41), (9, 13)):
+            masks = s.masks(i, size=size).numpy()
+            want = np.packbits(masks, axis=-1, bitorder="little")
+            assert np.array_equal(s.packed_masks(i, size), want), (i, size)
+            mirrored = np.packbits(masks[..., ::-1], axis=-1, bitorder="little")
+            assert np.array_equal(s.packed_masks(i, size, mirror=True), mirrored), (i, size)
+    # a DataLoader worker that is spawned gets the store without its zarr handles and opens
+    # its own on first use
+    copy = pickle.loads(pickle.dumps(s))
+    assert copy._masks is None
+    assert np.array_equal(copy.packed_masks(7, (16, 16)), s.packed_masks(7, (16, 16)))
 
 
 def test_empty_inner_chunks_are_not_stored(tmp_path, proposals_images):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from semires.bits import pack_bits
 from semires.refine import RefineConfig, overlaps, pixel_blocks, pwa_weights, refine
 
 
@@ -69,6 +70,29 @@ def test_batched_equals_loop(strategy, seed):
     assert torch.equal(out.matched, matched)
     torch.testing.assert_close(out.weights, weights, atol=1e-6, rtol=0)
     assert torch.equal(out.raw, (prob > 0.5).long())
+    # bit-packed, as the loader sends them, one proposal at a time: the same
+    packed = refine(prob, pack_bits(props), valid, cfg, chunk_bytes=1)
+    for a, b in zip(packed, out, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy", ["iom", "cpi", "none"])
+@pytest.mark.parametrize("seed", range(3))
+def test_chunked_refinement_equals_the_whole_batch_exactly(strategy, seed):
+    """Chunks of 1, 4 and all proposals, packed or not, a width that is no multiple of 8."""
+    prob, props, valid = _random_batch(200 + seed, b=3, n=17, h=12, w=20)
+    cfg = RefineConfig(strategy=strategy)
+    whole = refine(prob, props, valid, cfg, chunk_bytes=1 << 40)
+    four = 4 * 3 * 12 * 20 * 6  # bytes of four packed proposals of every sample (6 a pixel)
+    for chunk in (1, four, 1 << 40):
+        for p in (props, pack_bits(props)):
+            out = refine(prob, p, valid, cfg, chunk_bytes=chunk)
+            for a, b in zip(out, whole, strict=True):
+                assert torch.equal(a, b), (chunk, p.dtype)
+    ov_whole = overlaps(prob > 0.5, props)
+    ov_chunks = overlaps(prob > 0.5, pack_bits(props), chunk_bytes=1)
+    for a, b in zip(ov_chunks, ov_whole, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("strategy", ["iom", "cpi"])

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from semires import annotations
 from semires.atomic import write_json
+from semires.bits import unpack_bits
 from semires.data import ColourJitter, HorizontalFlip, swap_left_right
 from semires.model.build import TextConfig, prepare, preset
 from semires.proposals.base import Proposals
@@ -26,9 +27,11 @@ from semires.semi import (
     SemiConfig,
     UnlabeledDataset,
     collate_unlabeled,
+    laid_out,
     pseudo_label_quality,
     semi_step,
     train_semi,
+    unlabeled_to_device,
     unsupervised_loss,
 )
 from semires.split import random_split
@@ -147,12 +150,12 @@ def test_weak_and_strong_views_share_the_geometry_of_their_proposals(project):
     i = next(k for k in range(len(plain)) if plain[k].proposals.shape[0] > 0)
     a, b = plain[i], flipped[(i, 5)]
     assert torch.equal(b.weak, a.weak.flip(-1))
-    assert torch.equal(b.proposals, a.proposals.flip(-1))
+    assert torch.equal(unpack_bits(laid_out(b), SIZE), unpack_bits(laid_out(a), SIZE).flip(-1))
     assert torch.equal(b.gt, a.gt.flip(-1))
     assert b.sentence == swap_left_right(a.sentence)
     assert b.strong.shape == b.weak.shape and not torch.equal(b.strong, b.weak)
     # every object's mask is a proposal: the flipped truth is one of the flipped proposals
-    assert any(torch.equal(p.long(), b.gt) for p in b.proposals)
+    assert any(torch.equal(p.to(torch.uint8), b.gt) for p in unpack_bits(laid_out(b), SIZE))
 
 
 def test_proposals_are_the_stores_masks_resized_nearest(project):
@@ -161,7 +164,11 @@ def test_proposals_are_the_stores_masks_resized_nearest(project):
     ds = unlabeled(project, spec)
     item = ds[0]
     want = ds.store.masks(item.image_id, size=(SIZE, SIZE))
-    assert torch.equal(item.proposals, want)
+    # the nonempty rows only travel, bit-packed, each with its place among the N x S rows
+    assert item.proposals.dtype == torch.uint8 and item.proposals.shape[1] == SIZE // 8
+    assert len(item.proposals) == int(want.any(-1).sum()) == len(item.proposal_rows)
+    whole = laid_out(item)
+    assert whole.shape == (len(want), SIZE, SIZE // 8) and torch.equal(unpack_bits(whole, SIZE), want)
 
 
 def test_collate_pads_proposals_and_marks_the_real_ones(project):
@@ -170,14 +177,19 @@ def test_collate_pads_proposals_and_marks_the_real_ones(project):
     ds = unlabeled(project, spec)
     counts = {}
     for k in range(len(ds)):
-        counts.setdefault(ds[k].proposals.shape[0], k)
+        counts.setdefault(len(ds[k].valid), k)  # proposals per sample
     assert 0 in counts, "the fixture has an image without proposals"
     items = [ds[k] for k in counts.values()]
     batch = collate_unlabeled(items)
     n = max(counts)
-    assert batch.proposals.shape == (len(items), n, SIZE, SIZE)
+    whole = laid_out(batch)
+    assert whole.shape == (len(items), n, SIZE, SIZE // 8)  # bit-packed
     assert batch.valid.sum(1).tolist() == list(counts)
-    assert not batch.proposals[~batch.valid].any()
+    assert not whole[~batch.valid].any()
+    for k, it in enumerate(items):
+        assert torch.equal(whole[k, : len(it.valid)], laid_out(it))
+    moved = unlabeled_to_device(batch, torch.device("cpu"))  # laid out where the batch goes
+    assert moved.proposal_rows is None and torch.equal(moved.proposals, whole)
 
 
 # --- the step and the loop -----------------------------------------------------------------
@@ -208,24 +220,29 @@ def test_semi_step_moves_the_teacher_by_ema_of_the_updated_student(project):
             assert torch.allclose(t, 0.9 * before[k] + 0.1 * after[k], atol=1e-6), k
 
 
-def test_resume_continues_a_killed_teacher_student_run_exactly(project, tmp_path):
+@pytest.mark.parametrize(("killed_workers", "resumed_workers"), [(0, 0), (2, 1)])
+def test_resume_continues_a_killed_teacher_student_run_exactly(
+    project, tmp_path, killed_workers, resumed_workers
+):
+    """An uninterrupted run in the main process; a killed one and its resumption with or
+    without loader workers: the same steps, the same weights."""
     _, anns, _, _ = project
 
-    def run(scratch, **kw):
+    def run(scratch, workers=0, **kw):
         spec, model = tiny(anns, seed=kw.pop("seed", 0))
         logs = []
         res = train_semi(
             model, spec, labeled(project, spec),
             unlabeled(project, spec, geometric=HorizontalFlip(), photometric=ColourJitter()),
-            None, _cfg(checkpoint_every=100), scratch=scratch, run_key="k",
+            None, _cfg(checkpoint_every=100, num_workers=workers), scratch=scratch, run_key="k",
             on_metrics=lambda s, m: logs.append((s, m.get("train/loss"))), **kw,
         )  # fmt: skip
         return model, res, logs
 
     straight, a, logs_a = run(tmp_path / "a.pt")
-    _, first, _ = run(tmp_path / "b.pt", stop_after=2)
+    _, first, _ = run(tmp_path / "b.pt", killed_workers, stop_after=2)
     assert first.steps == 2
-    resumed, b, logs_b = run(tmp_path / "b.pt", resume=True, seed=9)
+    resumed, b, logs_b = run(tmp_path / "b.pt", resumed_workers, resume=True, seed=9)
     assert b.resumed_from == 2 and b.steps == 4
     assert logs_b == logs_a[2:]
     for (k, x), y in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -251,7 +268,7 @@ def test_pseudo_label_quality_scores_raw_and_refined_labels_against_the_truth(pr
     items = [ds[k] for k in range(len(ds))]
     batch = collate_unlabeled(items)
     prob = torch.ones(len(items), SIZE, SIZE)
-    r = refine(prob, batch.proposals, batch.valid, cfg)
+    r = refine(prob, laid_out(batch), batch.valid, cfg)
     gt = batch.gt.bool()
 
     def miou(pred):

@@ -167,3 +167,57 @@ def test_evaluate_scores_the_teacher_and_the_student_beside_it(project, tmp_path
     (tmp_path / "pseudo_labels.json").write_text('{"cpi_pwa/50": {"end": {"raw_mIoU": "high"}}}')
     res = runner.invoke(app, [*args, "--quality", str(tmp_path / "pseudo_labels.json")])
     assert res.exit_code == 2 and "pseudo_labels.json: not a pseudo-label quality file" in res.output
+
+
+@pytest.mark.parametrize(
+    ("command", "key", "value", "expected"),
+    [
+        ("burn-in", "burn_in.num_workers", -1, "burn_in.num_workers = -1: expected null (auto"),
+        ("burn-in", "burn_in.image_cache_mb", -5, "burn_in.image_cache_mb = -5: expected megabytes"),
+        ("evaluate", "evaluate.num_workers", "many", "evaluate.num_workers = 'many': expected an integer"),
+        ("evaluate", "evaluate.image_cache_mb", 1.5, "evaluate.image_cache_mb = 1.5: expected an integer"),
+    ],
+)
+def test_bad_loader_params_name_the_key(project, tmp_path, command, key, value, expected):
+    root, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    section, name = key.split(".")
+    params.setdefault(section, {})[name] = value
+    (root / "bad.yaml").write_text(yaml.safe_dump(params))
+    args = burn_in_args(root, "bad.yaml") if command == "burn-in" else evaluate_args(root, root / "x.pt")
+    if command == "evaluate":
+        args[args.index("--params") + 1] = str(root / "bad.yaml")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and expected in " ".join(res.output.split()), res.output
+
+
+def test_loader_knobs_leave_the_run_key_alone(project):
+    """A killed run continues with other worker or cache settings: they change no batch."""
+    from semires.model.build import prepare, preset
+    from stages.burn_in import BurnInParams, run_key
+    from stages.train_semi import SemiParams
+    from stages.train_semi import run_key as semi_key
+
+    root, _ = project
+    spec, _ = prepare(preset("tiny"), corpus=["a b"])
+    anns_path = root / "anns.json"
+    a = run_key(spec, BurnInParams(num_workers=None, image_cache_mb=128), [1], anns_path)
+    b = run_key(spec, BurnInParams(num_workers=3, image_cache_mb=0), [1], anns_path)
+    assert a == b != run_key(spec, BurnInParams(lr=1e-3), [1], anns_path)
+    ckpt = root / "anns.json"  # any file stands in for the burn-in checkpoint here
+    keys = {
+        semi_key("supervised", SemiParams(num_workers=w, image_cache_mb=c), [1], anns_path, ckpt, root)
+        for w, c in ((None, 128), (2, 0))
+    }
+    assert len(keys) == 1
+
+
+def test_bad_semi_loader_param_names_the_key(tmp_path):
+    from semires.errors import SemiresError
+    from stages.params import section
+    from stages.train_semi import SemiParams
+
+    path = tmp_path / "params.yaml"
+    path.write_text("semi:\n  image_cache_mb: -5\n")
+    with pytest.raises(SemiresError, match=r"semi\.image_cache_mb = -5: expected megabytes"):
+        section(path, "semi", SemiParams)

@@ -63,6 +63,7 @@ rows alone and resizes those; the rest of its output stays zero.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -220,15 +221,28 @@ def decode_masks(row: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
     return out.reshape(-1)
 
 
-def decode_rows(row: np.ndarray, n: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_rows(
+    row: np.ndarray, n: int, h: int, w: int, width: int | None = None, mirror: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """An encoded row -> the masks' nonempty rows, as :func:`resize_rows` takes them: their
-    indices ``n * H + y`` (ascending) and their bits, ``R x ceil(W/8)`` uint8."""
+    indices ``n * H + y`` (ascending) and their bits, ``R x ceil(W/8)`` uint8.
+
+    ``width``: each row resized to this many columns instead (nearest, as ``F.interpolate``):
+    ``R x ceil(width/8)``; ``mirror``: and mirrored left-right. From the edge encoding the
+    edges are moved (a run ``[x0, x1)`` keeps the output columns whose source column lies in
+    it; mirrored, an edge at ``e`` moves to ``width - e``), so the rows are never unpacked at
+    their own width. A row may become empty and stays listed."""
     wb = (w + 7) // 8
     kind = int(row[0])
+    width = w if width is None else width
     if kind == PLAIN:
         grid = row[HEADER : HEADER + n * h * wb].reshape(n * h, wb)
         rows = np.flatnonzero(grid.any(axis=1))
-        return rows, grid[rows]
+        if width == w and not mirror:
+            return rows, grid[rows]
+        cols = _nearest(w, width)[::-1] if mirror else _nearest(w, width)
+        bits = np.unpackbits(grid[rows], axis=-1, count=w, bitorder="little")
+        return rows, np.packbits(bits[:, cols], axis=-1, bitorder="little")
     if kind != EDGES:
         raise SemiresError(f"unknown mask encoding {kind}: the store is damaged")
     sc, sm, sf = (int(v) for v in row[HEADER : HEADER + 3])
@@ -248,6 +262,10 @@ def decode_rows(row: np.ndarray, n: int, h: int, w: int) -> tuple[np.ndarray, np
     d[~b.first] = (moves >> 1) ^ -(moves & 1)  # later rows: zigzag moves
     cs = _cumsum0(d)  # -> columns: a cumulative sum along each segment
     x = cs[1:] - np.repeat(cs[b.seg_start[:-1]], b.seg_len)
+    if width != w:
+        x, wb = _edge_map(w, width)[x], (width + 7) // 8
+    if mirror:
+        x = width - x
     # Each edge flips every bit from x on. As differences (XOR) of consecutive bytes that is
     # two bytes: byte x // 8, bits x % 8 and up, and the byte after, the bits below x % 8 (it
     # is all flipped, its predecessor only from x % 8 on). A running XOR along the rows turns
@@ -258,6 +276,53 @@ def decode_rows(row: np.ndarray, n: int, h: int, w: int) -> tuple[np.ndarray, np
     low = ((np.uint16(1) << (x & 7).astype(np.uint8)) - 1).astype(np.uint8)
     np.bitwise_xor.at(compact, np.concatenate([at_byte, at_byte + 1]), np.concatenate([~low, low]))
     return b.rows, _prefix_xor(compact)[: len(b.rows) * wb].reshape(-1, wb)
+
+
+@functools.lru_cache(maxsize=64)
+def _nearest(src: int, dst: int) -> np.ndarray:
+    """:func:`nearest_index` as a read-only numpy array, made once per pair of sizes."""
+    out = nearest_index(src, dst).numpy()
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _edge_map(src: int, dst: int) -> np.ndarray:
+    """Where an edge at source column ``x`` (``0..src``) lands at ``dst`` columns: the first
+    output column whose source column is ``x`` or more. Nearest resizing keeps the columns
+    in order, so a run ``[x0, x1)`` becomes the output run ``[map[x0], map[x1])``."""
+    out = np.searchsorted(_nearest(src, dst), np.arange(src + 1), side="left")
+    out.flags.writeable = False
+    return out
+
+
+def pick_rows(rows: np.ndarray, packed_rows: np.ndarray, h: int, out_h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Masks given by their nonempty rows, already at the output width (as :func:`decode_rows`
+    gives them with ``width``) -> the same for ``out_h`` rows each, picked nearest (as
+    ``F.interpolate``): the output rows' indices ``n * out_h + y`` (ascending) and their bits.
+    A source row is copied to each output row that picks it (none, one, or several)."""
+    first = _first_pick(h, out_h)  # output rows [first[y], first[y + 1]) pick source row y
+    mask, y = np.divmod(rows, h)
+    repeats = first[y + 1] - first[y]
+    start = np.repeat(mask * out_h + first[y] - _cumsum0(repeats)[:-1], repeats)
+    return start + np.arange(len(start)), np.repeat(packed_rows, repeats, axis=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _first_pick(src: int, dst: int) -> np.ndarray:
+    """``src + 1`` entries: the first of the ``dst`` outputs of nearest resizing whose source
+    is ``y`` or more (the outputs pick their sources in order)."""
+    out = np.searchsorted(_nearest(src, dst), np.arange(src + 1), side="left")
+    out.flags.writeable = False
+    return out
+
+
+def resize_rows_packed(rows: np.ndarray, packed_rows: np.ndarray, n: int, h: int, out_h: int) -> np.ndarray:
+    """:func:`pick_rows` laid out whole: ``N x out_h x C`` uint8, zeros but the picked rows."""
+    index, picked = pick_rows(rows, packed_rows, h, out_h)
+    out = np.zeros((n * out_h, packed_rows.shape[1]), np.uint8)
+    out[index] = picked
+    return out.reshape(n, out_h, packed_rows.shape[1])
 
 
 def _edges(words: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -662,6 +727,84 @@ class Scratch:
             return str(z["sha"])
 
 
+class _ShardReader:
+    """Rows of the ``masks`` array read straight from its shard files, without zarr's
+    machinery (an event loop round trip per read): the shard index at the end of the file
+    (``offset, nbytes`` per inner chunk, then its crc32c), the chunk's bytes, zstd. Only for
+    the layout :func:`create` writes; :meth:`of` returns None for any other, and the store
+    reads through zarr. The indexes of the last few shards read are kept."""
+
+    MISSING = 2**64 - 1  # an inner chunk that was never written (all zeros)
+
+    def __init__(self, folder: Path, shard_rows: int, chunk: int, row_chunks: int) -> None:
+        self.folder, self.shard_rows, self.chunk, self.row_chunks = folder, shard_rows, chunk, row_chunks
+        self._indexes: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def of(cls, folder: Path) -> _ShardReader | None:
+        try:
+            meta = json.loads((folder / "zarr.json").read_text())
+            (codec,) = meta["codecs"]
+            conf = codec["configuration"]
+            inner = [c["name"] for c in conf["codecs"]]
+            index = [(c["name"], c.get("configuration", {})) for c in conf["index_codecs"]]
+            shard_rows, row_bytes = meta["chunk_grid"]["configuration"]["chunk_shape"]
+            one, chunk = conf["chunk_shape"]
+            layout_ok = (
+                codec["name"] == "sharding_indexed"
+                and meta["data_type"] == "uint8"
+                and meta["fill_value"] == 0
+                and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+                and inner == ["bytes", "zstd"]
+                and index == [("bytes", {"endian": "little"}), ("crc32c", {})]
+                and conf.get("index_location", "end") == "end"
+                and one == 1
+                and row_bytes == meta["shape"][1]
+                and row_bytes % chunk == 0
+            )
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+        return cls(folder, shard_rows, chunk, row_bytes // chunk) if layout_ok else None
+
+    def _index(self, k: int) -> np.ndarray:
+        index = self._indexes.get(k)
+        if index is None:
+            size = self.shard_rows * self.row_chunks * 16 + 4
+            with open(self.folder / "c" / str(k) / "0", "rb") as f:
+                f.seek(-size, os.SEEK_END)
+                raw = f.read(size)
+            body, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
+            if len(raw) != size or numcodecs.CRC32C().checksum(body) != stored:
+                raise ValueError("Stored and computed checksum do not match")
+            index = np.frombuffer(body, "<u8").reshape(-1, 2)
+            if len(self._indexes) >= 16:
+                self._indexes.pop(next(iter(self._indexes)))
+            self._indexes[k] = index
+        return index
+
+    def read(self, j: int, start: int, stop: int) -> np.ndarray:
+        k, r = divmod(j, self.shard_rows)
+        index = self._index(k)
+        parts = []
+        first, last = start // self.chunk, (stop - 1) // self.chunk
+        with open(self.folder / "c" / str(k) / "0", "rb") as f:
+            for c in range(first, last + 1):
+                offset, nbytes = (int(v) for v in index[r * self.row_chunks + c])
+                if offset == nbytes == self.MISSING:
+                    data = np.zeros(self.chunk, np.uint8)
+                else:
+                    f.seek(offset)
+                    data = np.frombuffer(_ZSTD.decode(f.read(nbytes)), np.uint8)
+                    if data.size != self.chunk:
+                        raise ValueError(f"inner chunk {c} of shard {k} holds {data.size} bytes")
+                parts.append(data)
+        row = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return row[start - first * self.chunk : stop - first * self.chunk]
+
+
+_ZSTD = numcodecs.Zstd()
+
+
 # --- reading ----------------------------------------------------------------------------------
 
 
@@ -711,10 +854,31 @@ class ProposalStore:
         self._masks = arrays["masks"]
         self._chunk_bytes = int(self.attributes["chunk_bytes"])
         self._attrs = arrays["attrs"]
+        self._pid = os.getpid()
+        self._shards: _ShardReader | bool | None = None  # made on first read (False: read through zarr)
         self._check_shards()
         self._row = {int(i): j for j, i in enumerate(self.image_ids)}
         if expect is not None:
             self.check(expect)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a DataLoader worker that is spawned) without its zarr handles: each
+        process opens the arrays itself, on first use (see :meth:`_reopen`)."""
+        state = dict(self.__dict__)
+        state["_masks"] = state["_attrs"] = None
+        return state
+
+    def _reopen(self) -> None:
+        """Open ``masks`` and ``attrs`` in this process if they were opened in another (a
+        forked or spawned DataLoader worker): one store handle per process, opened lazily."""
+        if self._masks is not None and self._pid == os.getpid():
+            return
+        try:
+            g = _zarr().open_group(str(self.path), mode="r")
+            self._masks, self._attrs = g["masks"], g["attrs"]
+        except Exception as e:
+            raise self._damaged("masks", e) from e
+        self._pid = os.getpid()
 
     def _damaged(self, where: str, e: BaseException | str) -> SemiresError:
         """The one message for a store that is incomplete or corrupt (a copy cut short, say)."""
@@ -818,6 +982,7 @@ class ProposalStore:
         """The attributes, and the masks as :func:`decode_rows` gives them."""
         j = self._index(image_id)
         n, h, w = int(self.counts[j]), int(self.heights[j]), int(self.widths[j])
+        self._reopen()
         try:
             stored = np.ascontiguousarray(self._attrs[j, :n], np.float32)
         except Exception as e:  # a shard cut short or corrupt
@@ -840,10 +1005,7 @@ class ProposalStore:
         # one read of the first inner chunk holds the whole row but for the largest ones
         longest = HEADER + n * h * ((w + 7) // 8)
         head = min(longest, self._chunk_bytes)
-        try:
-            row = self._masks[j, :head]
-        except Exception as e:  # a shard cut short or corrupt
-            raise self._damaged(f"masks of image {int(self.image_ids[j])}", e) from e
+        row = self._read(j, 0, head)
         size = encoded_size(row)
         if row[0] not in (PLAIN, EDGES) or not HEADER < size <= longest:  # all zeros: no shard file
             raise SemiresError(
@@ -852,11 +1014,25 @@ class ProposalStore:
                 "`semires propose` (dvc repro propose)"
             )
         if size > head:
-            try:
-                row = np.concatenate([row, self._masks[j, head:size]])
-            except Exception as e:
-                raise self._damaged(f"masks of image {int(self.image_ids[j])}", e) from e
+            row = np.concatenate([row, self._read(j, head, size)])
         return row
+
+    def _read(self, j: int, start: int, stop: int) -> np.ndarray:
+        """Bytes ``start:stop`` of row ``j`` of ``masks``: from the shard file itself when it
+        is laid out as :func:`create` makes it (:class:`_ShardReader`, a tenth of zarr's time
+        for one row), else through zarr."""
+        where = f"masks of image {int(self.image_ids[j])}"
+        try:
+            if self._shards is None:
+                self._shards = _ShardReader.of(self.path / "masks") or False
+            if self._shards:
+                return self._shards.read(j, start, stop)
+            self._reopen()
+            return self._masks[j, start:stop]
+        except SemiresError:
+            raise
+        except Exception as e:  # a shard cut short or corrupt
+            raise self._damaged(where, e) from e
 
     def masks(
         self, image_id: int, size: tuple[int, int] | None = None, device: torch.device | str = "cpu"
@@ -871,6 +1047,33 @@ class ProposalStore:
             return torch.zeros((n, oh, ow), dtype=torch.bool, device=device)
         rows, packed_rows = decode_rows(self._encoded(j, n, h, w), n, h, w)
         return resize_rows(rows, packed_rows, n, h, w, (oh, ow), device=device)
+
+    def packed_rows(
+        self, image_id: int, size: tuple[int, int], mirror: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The masks resized (nearest, as :meth:`masks`) to ``size`` = ``(h, w)``, mirrored
+        left-right if ``mirror``, bit-packed (as :func:`pack_masks`, per row) and given by
+        their nonempty rows: ``(index, rows)``, ``index`` the rows' places ``n * h + y``
+        (int64, ascending) and ``rows`` their bits, ``R x ceil(w/8)`` uint8. Never unpacked on
+        the way, and a few percent of the whole: what a data loader collates and sends to the
+        device, which lays them out and unpacks them (:func:`semires.bits.unpack_bits`)."""
+        j = self._index(image_id)
+        n, h, w = int(self.counts[j]), int(self.heights[j]), int(self.widths[j])
+        oh, ow = size
+        if n * h * w == 0:
+            return np.zeros(0, np.int64), np.zeros((0, (ow + 7) // 8), np.uint8)
+        rows, packed = decode_rows(self._encoded(j, n, h, w), n, h, w, width=ow, mirror=mirror)
+        return pick_rows(rows, packed, h, oh)
+
+    def packed_masks(self, image_id: int, size: tuple[int, int], mirror: bool = False) -> np.ndarray:
+        """:meth:`packed_rows` laid out whole: ``N x h x ceil(w/8)`` uint8, equal to
+        ``np.packbits(masks(image_id, size)[..., ::-1 if mirror else 1], axis=-1,
+        bitorder="little")``."""
+        n, (oh, ow) = self.num_masks(image_id), size
+        index, rows = self.packed_rows(image_id, size, mirror)
+        out = np.zeros((n * oh, (ow + 7) // 8), np.uint8)
+        out[index] = rows
+        return out.reshape(n, oh, (ow + 7) // 8)
 
     def proposals(self, image_id: int) -> Proposals:
         """Everything stored for the image, at its own resolution."""
