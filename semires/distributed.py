@@ -206,3 +206,20 @@ def all_sum(values: list[int]) -> list[int]:
 
 if __name__ == "__main__":
     raise SystemExit(run_torchrun(sys.argv[1:]))
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers of ``module`` (BatchNorm's running statistics).
+
+    Under DDP each rank's BatchNorm updates its running statistics from its own batch, and
+    DDP broadcasts rank 0's at the next forward; an EMA teacher that reads the student's
+    buffers right after the step would follow a different student on every rank. Called
+    before the EMA update, it makes the teacher identical on every rank (and a resumed run,
+    which restores rank 0's teacher everywhere, the same run). No-op without a group.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    works = [dist.broadcast(b, src, async_op=True) for b in module.buffers()]
+    for w in works:
+        w.wait()

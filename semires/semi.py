@@ -355,6 +355,7 @@ def semi_step(
     loss.backward()
     optimizer.step()
     scheduler.step()
+    distributed.broadcast_buffers(unwrap(student))  # one teacher on every rank
     ema_update(teacher, unwrap(student), cfg.ema_rate)
     gt = unl.gt.bool()
     raw_iou = iou(*intersection_union(refined.raw.bool(), gt)).mean()
