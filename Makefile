@@ -23,8 +23,10 @@ lint: setup
 	ruff check .
 	ruff format --check .
 
+# Two workers, a test file each at a time, the longest files first (tests/conftest.py): the
+# end-to-end files (a real `dvc repro` apiece) run side by side.
 test: lint
-	pytest
+	pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 format: setup
 	ruff format .

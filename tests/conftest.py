@@ -24,3 +24,16 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_anns(synth_root):
     return read_refer(synth_root, "synthref", "unc")
+
+
+# The longest files first: with `pytest -n 2 --dist loadfile` (make test) each worker starts
+# on one of them and the short files fill in around them. Order within a file is kept.
+LONGEST_FIRST = ("test_pipeline.py", "test_sharing.py", "test_faults.py", "test_sweep.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
