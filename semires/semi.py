@@ -6,13 +6,15 @@ proposals, moved by the same flip; the student learns from the labeled batch and
 *strong* view (the weak one plus colour jitter, applied to the raw image before the
 model normalises it), from the repaired labels::
 
-    loss = supervised + unsup_weight * unsupervised
+    loss = sup_weight * supervised + unsup_weight * unsupervised
 
-and the teacher moves towards the student (:func:`semires.ema.ema_update`). The
-unsupervised term is the public code's: matched samples get the class-weighted
-cross-entropy of their refined label, unmatched ones the cross-entropy times their PWA
-weights (mean over their pixels), and the two are averaged over the groups present in
-the batch. Counts stay tensors: nothing reads back to the host inside a step.
+and the teacher moves towards the student (:func:`semires.ema.ema_update`). The terms add
+up as the public teacher-student scripts do: the supervised term is the class-weighted
+cross-entropy, plain mean over the pixels (:func:`pixel_mean_loss`); the unsupervised one
+(:func:`unsupervised_loss`) gives matched samples the same loss on their refined label and
+unmatched ones the unweighted cross-entropy times their PWA weights, each group a plain
+mean over its pixels, the two halved when both are present. Counts stay tensors: nothing
+reads back to the host inside a step.
 
 The hidden ground truth of the unlabeled expressions rides along for diagnostics only
 (:func:`pseudo_label_quality`, the per-step pseudo-label IoU); no loss ever reads it.
@@ -71,7 +73,6 @@ from semires.train import (
     restore,
     rng_state,
     save_checkpoint,
-    segmentation_loss,
     to_device,
     unwrap,
 )
@@ -287,22 +288,48 @@ def unlabeled_to_device(batch: UnlabeledSample, device: torch.device) -> Unlabel
 # --- the step ------------------------------------------------------------------------------
 
 
-def unsupervised_loss(logits: torch.Tensor, refined: Refined, class_weights: Sequence[float]) -> torch.Tensor:
-    """The public code's loss on refined pseudo-labels (see the module docstring).
+def pixel_mean_loss(
+    logits: torch.Tensor, target: torch.Tensor, class_weights: Sequence[float]
+) -> torch.Tensor:
+    """Class-weighted cross-entropy, plain mean over every pixel: the teacher-student step's
+    supervised and matched terms, as the public code's
+    ``CrossEntropyLoss(weight=class_weights, reduction="none")(logits, target).mean()``.
 
-    Matched samples: class-weighted cross-entropy (weighted mean over their pixels).
-    Unmatched samples: class-weighted per-pixel cross-entropy times the PWA weights, plain
-    mean over their pixels. The result is the mean of the terms of the groups present; 0
-    for an empty batch. No host sync.
+    ``logits`` B x 2 x H x W, ``target`` B x H x W int64. Unlike ``F.cross_entropy(weight=...)``
+    (the burn-in's loss) the sum is divided by the pixel count, not by the sum of the pixels'
+    class weights.
     """
     w = class_weight_tensor(tuple(class_weights), logits.device)
-    per_pixel = F.cross_entropy(logits.float(), refined.labels, weight=w, reduction="none")  # B x H x W
+    return F.cross_entropy(logits.float(), target, weight=w, reduction="none").mean()
+
+
+def unsupervised_loss(
+    logits: torch.Tensor, refined: Refined, class_weights: Sequence[float], *, pwa: bool = True
+) -> torch.Tensor:
+    """The public code's loss on refined pseudo-labels, as its teacher-student scripts add it up.
+
+    ``logits`` B x 2 x H x W of the student on the strong view; ``refined`` the batch's
+    :class:`~semires.refine.Refined` labels. The samples fall in two groups, each a plain
+    mean over all pixels of its samples (not a mean of per-sample means):
+
+    - matched (a proposal replaced the teacher's mask): class-weighted cross-entropy,
+      :func:`pixel_mean_loss`;
+    - unmatched: with ``pwa``, the cross-entropy *without* class weights times the PWA
+      pixel weights (``refined.weights``); without ``pwa`` (a method the public code does
+      not have), the matched group's class-weighted loss.
+
+    The result is the mean of the terms of the groups present (halved when both are, the
+    term alone when one is), 0 for an empty batch. No host sync.
+    """
+    w = class_weight_tensor(tuple(class_weights), logits.device)
+    per_pixel = F.cross_entropy(logits.float(), refined.labels, reduction="none")  # B x H x W, unweighted
+    weighted = per_pixel * w[refined.labels]
+    unmatched_pp = per_pixel * refined.weights if pwa else weighted
     m = refined.matched.to(torch.float32)[:, None, None]
     u = 1.0 - m
-    matched_norm = (w[refined.labels] * m).sum()
-    matched = (per_pixel * m).sum() / matched_norm.clamp_min(1e-12)
     pixels = per_pixel[0].numel()
-    unmatched = (per_pixel * refined.weights * u).sum() / (u.sum() * pixels).clamp_min(1.0)
+    matched = (weighted * m).sum() / (m.sum() * pixels).clamp_min(1.0)
+    unmatched = (unmatched_pp * u).sum() / (u.sum() * pixels).clamp_min(1.0)
     has_m = refined.matched.any().to(torch.float32)
     has_u = (~refined.matched).any().to(torch.float32)
     return (matched * has_m + unmatched * has_u) / (has_m + has_u).clamp_min(1.0)
@@ -315,6 +342,7 @@ class SemiConfig(LoopConfig):
 
     unlabeled_batch_size: int = 8  # unlabeled expressions per step and process
     refine: RefineConfig = field(default_factory=RefineConfig)
+    sup_weight: float = 1.0  # the supervised term's factor (the public IOM script: 10)
     unsup_weight: float = 1.0
     ema_rate: float = 0.9996
 
@@ -348,9 +376,9 @@ def semi_step(
     att = torch.cat([lab.attention_mask, unl.attention_mask])
     with autocast(device):
         logits = student(images, ids, att)
-    sup = segmentation_loss(logits[:b], lab.mask, cfg.class_weights)
-    unsup = unsupervised_loss(logits[b:], refined, cfg.class_weights)
-    loss = sup + cfg.unsup_weight * unsup
+    sup = pixel_mean_loss(logits[:b], lab.mask, cfg.class_weights)
+    unsup = unsupervised_loss(logits[b:], refined, cfg.class_weights, pwa=cfg.refine.pwa)
+    loss = cfg.sup_weight * sup + cfg.unsup_weight * unsup
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

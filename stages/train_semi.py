@@ -110,6 +110,7 @@ class SemiParams:
     weight_decay: float = 1e-2
     poly_power: float = 0.9
     class_weights: tuple[float, float] = (0.9, 1.1)
+    sup_weight: float = 1.0  # the supervised term's factor; the public IOM script's is 10, its CPI one's 1
     unsup_weight: float = 1.0  # lambda
     ema_rate: float = 0.9996  # per step
     refine: RefineParams = dataclasses.field(default_factory=RefineParams)
@@ -156,6 +157,7 @@ class SemiParams:
             list(self.class_weights),
             "expected two positive weights [background, object]",
         )
+        check(self.sup_weight > 0, "semi.sup_weight", self.sup_weight, "expected a positive factor, e.g. 1")
         check(self.unsup_weight >= 0, "semi.unsup_weight", self.unsup_weight, "expected lambda >= 0")
         check(0 <= self.ema_rate <= 1, "semi.ema_rate", self.ema_rate, "expected a rate in [0, 1]")
         check(self.quality_samples >= 0, "semi.quality_samples", self.quality_samples, "expected >= 0")
@@ -324,7 +326,7 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
         picks = sorted(random.Random(sp.seed).sample(range(n), min(n, sp.quality_samples)))
         cfg = loop_config(
             sp, SemiConfig, unlabeled_batch_size=sp.unlabeled_batch_size, refine=rcfg,
-            unsup_weight=sp.unsup_weight, ema_rate=sp.ema_rate,
+            sup_weight=sp.sup_weight, unsup_weight=sp.unsup_weight, ema_rate=sp.ema_rate,
         )  # fmt: skip
         result = train_semi(
             model, spec, labeled_set, unl_set, val_set, cfg, scratch=ckpt_path, run_key=key,

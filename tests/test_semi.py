@@ -28,6 +28,7 @@ from semires.semi import (
     UnlabeledDataset,
     collate_unlabeled,
     laid_out,
+    pixel_mean_loss,
     pseudo_label_quality,
     semi_step,
     train_semi,
@@ -106,35 +107,75 @@ def _refined(labels, weights, matched) -> Refined:
     return Refined(labels=labels, weights=weights, matched=matched, raw=labels)
 
 
-def test_unsupervised_loss_of_matched_samples_is_class_weighted_cross_entropy():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 2, 5, 5)
-    labels = torch.randint(0, 2, (3, 5, 5))
-    r = _refined(labels, torch.rand(3, 5, 5), torch.tensor([True, True, True]))
-    want = F.cross_entropy(logits, labels, weight=torch.tensor(CW))
-    assert torch.allclose(unsupervised_loss(logits, r, CW), want)
+def official_loss(stu_l, target_l, stu_u, pseudo, pwa_weight, matched, *, unsup_lambda=1.0, sup_factor=1.0):
+    """A plain transcription of how the public teacher-student scripts add up their loss
+    (criterion, WeightedCrossEntropyLoss, the two index lists, the halving, IOM's x10)."""
+
+    def criterion(inp, tgt):
+        return nn.CrossEntropyLoss(weight=torch.tensor(CW), reduction="none")(inp, tgt).mean()
+
+    def weighted_ce_loss(inp, tgt, weight):
+        return torch.mean(F.cross_entropy(inp, tgt, reduction="none") * weight)
+
+    sup_loss = criterion(stu_l, target_l)
+    batch_valid_idx = [b for b in range(len(matched)) if not matched[b]]  # no proposal matched
+    wo_weight_idx = list(set(range(len(matched))) - set(batch_valid_idx))
+    unsup_sam_loss = 0 if not wo_weight_idx else criterion(stu_u[wo_weight_idx], pseudo[wo_weight_idx])
+    unsup_ori_loss = (
+        0
+        if not batch_valid_idx
+        else weighted_ce_loss(stu_u[batch_valid_idx], pseudo[batch_valid_idx], pwa_weight[batch_valid_idx])
+    )
+    unsup_loss = unsup_ori_loss + unsup_sam_loss
+    if wo_weight_idx and batch_valid_idx:
+        unsup_loss = unsup_loss / 2.0
+    sup_loss = sup_loss * sup_factor
+    return sup_loss + unsup_lambda * unsup_loss
 
 
-def test_unsupervised_loss_of_unmatched_samples_is_the_mean_of_weighted_terms():
-    torch.manual_seed(1)
-    logits = torch.randn(2, 2, 4, 4)
-    labels = torch.randint(0, 2, (2, 4, 4))
-    w = torch.rand(2, 4, 4)
-    r = _refined(labels, w, torch.tensor([False, False]))
-    per = F.cross_entropy(logits, labels, weight=torch.tensor(CW), reduction="none")
-    assert torch.allclose(unsupervised_loss(logits, r, CW), (per * w).mean())
+@pytest.mark.parametrize(
+    "matched",
+    [[True, True, True], [False, False, False], [True, False, True], [False, True, False]],
+)
+@pytest.mark.parametrize(("sup_weight", "unsup_weight"), [(1.0, 1.0), (10.0, 0.5)])
+def test_the_step_loss_adds_up_as_the_public_scripts(matched, sup_weight, unsup_weight):
+    torch.manual_seed(len(matched) + sum(matched))
+    stu_l, stu_u = torch.randn(2, 2, 5, 7), torch.randn(3, 2, 5, 7)
+    target = torch.randint(0, 2, (2, 5, 7))
+    pseudo = torch.randint(0, 2, (3, 5, 7))
+    w = torch.rand(3, 5, 7) + 0.1
+    m = torch.tensor(matched)
+    r = _refined(pseudo, torch.where(m[:, None, None], torch.ones_like(w), w), m)
+    got = sup_weight * pixel_mean_loss(stu_l, target, CW) + unsup_weight * unsupervised_loss(stu_u, r, CW)
+    want = official_loss(
+        stu_l, target, stu_u, pseudo, w, matched, unsup_lambda=unsup_weight, sup_factor=sup_weight
+    )
+    torch.testing.assert_close(got, want)
 
 
-def test_unsupervised_loss_averages_the_groups_present():
-    torch.manual_seed(2)
-    logits = torch.randn(3, 2, 4, 4)
-    labels = torch.randint(0, 2, (3, 4, 4))
-    w = torch.rand(3, 4, 4)
-    r = _refined(labels, w, torch.tensor([True, False, True]))
-    m = F.cross_entropy(logits[[0, 2]], labels[[0, 2]], weight=torch.tensor(CW))
-    per = F.cross_entropy(logits[1:2], labels[1:2], weight=torch.tensor(CW), reduction="none")
-    u = (per * w[1:2]).mean()
-    assert torch.allclose(unsupervised_loss(logits, r, CW), (m + u) / 2)
+def test_the_matched_group_is_one_mean_over_its_pixels_not_a_mean_of_sample_means():
+    logits = torch.zeros(2, 2, 2, 2)
+    logits[0, 1] = 3.0  # sample 0 confidently object, labelled object: small loss
+    labels = torch.ones(2, 2, 2, dtype=torch.int64)
+    labels[1, 0] = 0  # sample 1 half background (weight 0.9), half object (1.1), logits 0: ln 2
+    r = _refined(labels, torch.ones(2, 2, 2), torch.tensor([True, True]))
+    small = 1.1 * F.softplus(torch.tensor(-3.0))
+    want = (4 * small + 2 * 0.9 * np.log(2) + 2 * 1.1 * np.log(2)) / 8
+    torch.testing.assert_close(unsupervised_loss(logits, r, CW), want.float())
+    assert not torch.allclose(  # PyTorch's weight-normalised mean is another number
+        unsupervised_loss(logits, r, CW), F.cross_entropy(logits, labels, weight=torch.tensor(CW))
+    )
+
+
+def test_without_pwa_unmatched_samples_take_the_class_weighted_loss():
+    torch.manual_seed(3)
+    logits, labels = torch.randn(2, 2, 4, 4), torch.randint(0, 2, (2, 4, 4))
+    r = _refined(labels, torch.ones(2, 4, 4), torch.tensor([False, False]))
+    torch.testing.assert_close(
+        unsupervised_loss(logits, r, CW, pwa=False), pixel_mean_loss(logits, labels, CW)
+    )
+    plain = F.cross_entropy(logits, labels, reduction="none").mean()  # with PWA: no class weights
+    torch.testing.assert_close(unsupervised_loss(logits, r, CW), plain)
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -211,8 +252,10 @@ def test_semi_step_moves_the_teacher_by_ema_of_the_updated_student(project):
     unl = collate_unlabeled([unlabeled(project, spec)[k] for k in range(3)])
     opt = make_optimizer(student, lr=1e-3, weight_decay=0.01)
     sched = poly_schedule(opt, total_steps=4, power=0.9)
-    stats = semi_step(student, teacher, lab, unl, opt, sched, cfg=_cfg(), device=torch.device("cpu"))
+    cfg = _cfg(sup_weight=10.0, unsup_weight=0.5)
+    stats = semi_step(student, teacher, lab, unl, opt, sched, cfg=cfg, device=torch.device("cpu"))
     assert set(stats) == {"loss", "sup", "unsup", "matched", "raw_iou", "refined_iou"}
+    torch.testing.assert_close(stats["loss"], 10.0 * stats["sup"] + 0.5 * stats["unsup"])
     assert all(torch.isfinite(v) for v in stats.values())
     after = student.state_dict()
     for k, t in teacher.state_dict().items():
