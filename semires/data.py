@@ -5,9 +5,10 @@ expression of a list of refs; a training sampler draws a ref and then one of its
 (:class:`StepSampler`), evaluation walks all of them. Items are :class:`Sample` named tuples,
 which the default collate stacks field by field into a batch of the same type.
 
-Images come out square, resized to the model's input size (bilinear) and **not** normalised
-(values in [0, 1]): the model normalises, so colour augmentations can act on the raw image.
-Masks are resized nearest-neighbour.
+Images come out square, resized to the model's input size and **not** normalised (values in
+[0, 1]): the model normalises, so colour augmentations can act on the raw image. Images and
+masks are resized as the official pipeline does, with PIL (bilinear on the uint8 image,
+``NEAREST`` for masks; :mod:`semires.resize`).
 
 Memory does not grow with the dataset: an item is made from its files when asked for, and
 what a dataset keeps between items is bounded: decoded images (uint8, as the file holds
@@ -18,7 +19,6 @@ for the whole run, pinned memory on CUDA.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import random
@@ -30,9 +30,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from semires import resize
 from semires.annotations import RefRecord
 from semires.bits import flip_bits
 from semires.errors import SemiresError
@@ -173,35 +173,16 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
 
 
-def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
-    """``3 x H x W`` -> ``3 x size x size``, bilinear (as LAVT's input pipeline)."""
-    out = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out[0].clamp_(0, 1)
+def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
+    """``H x W x 3`` uint8 -> ``3 x size x size`` float in [0, 1]: PIL's bilinear resize of the
+    uint8 pixels, as the official input pipeline (:func:`semires.resize.resize_image`)."""
+    return image_tensor(np.array(resize.resize_image(image, size)))
 
 
-def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """``... x H x W`` -> ``... x size x size``, nearest neighbour, same dtype."""
-    lead = mask.shape[:-2]
-    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    out = F.interpolate(flat, size=(size, size), mode="nearest")
-    return out.reshape(*lead, size, size).to(mask.dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def nearest_source(src: int, dst: int) -> np.ndarray:
-    """The source index of each of ``dst`` outputs of nearest resizing, exactly as
-    ``F.interpolate(mode="nearest")`` picks it (asked of it once per pair of sizes)."""
-    grid = torch.arange(src, dtype=torch.float32).view(1, 1, src)
-    out = F.interpolate(grid, size=dst, mode="nearest").view(dst).long().numpy()
-    out.flags.writeable = False
-    return out
-
-
-def resize_mask_np(mask: np.ndarray, size: int) -> np.ndarray:
-    """``H x W`` -> ``size x size``, nearest: :func:`resize_mask`'s pixels, picked by index
-    instead of interpolated in float (a fraction of the time at 640 x 480)."""
-    rows, cols = nearest_source(mask.shape[0], size), nearest_source(mask.shape[1], size)
-    return np.take(np.take(mask, rows, axis=0), cols, axis=1)
+def resize_mask_np(mask: np.ndarray, size: int, rule: resize.NearestRule = "pil") -> np.ndarray:
+    """``H x W`` -> ``size x size``, nearest under ``rule`` (default PIL's ``NEAREST``, as the
+    official ground truth; :func:`semires.resize.resize_mask`)."""
+    return resize.resize_mask(mask, (size, size), rule)
 
 
 class ImageCache:
@@ -281,10 +262,10 @@ class ExpressionDataset(Dataset):
         if raw is None:
             raw = read_rgb(self.image_dir / ref.file_name)[0]
             self.cache.put(ref.image_id, raw)
-        return resize_image(image_tensor(raw), self.image_size)
+        return resize_image(raw, self.image_size)
 
     def mask(self, ref: RefRecord) -> torch.Tensor:
-        """The ref's ground truth at the input size: ``S x S`` uint8 (nearest)."""
+        """The ref's ground truth at the input size: ``S x S`` uint8 (PIL's nearest)."""
         return torch.from_numpy(resize_mask_np(ref.decode_mask().view(np.uint8), self.image_size))
 
     def full_mask(self, index: int) -> torch.Tensor:

@@ -188,13 +188,8 @@ class Segmenter:
                 f"image {index + 1}: a {type(image).__name__}; expected a path, a PIL image or an "
                 "H x W x 3 uint8 array"
             )
-        tensor = (
-            torch.from_numpy(np.require(decoded.rgb, requirements=["C", "W"]))
-            .permute(2, 0, 1)
-            .float()
-            .div_(255)
-        )
-        return decoded, resize_image(tensor, self.image_size), time.perf_counter() - t0
+        rgb = np.require(decoded.rgb, requirements=["C"])
+        return decoded, resize_image(rgb, self.image_size), time.perf_counter() - t0
 
     def _run(
         self,

@@ -57,6 +57,7 @@ from semires.model.build import ModelSpec
 from semires.model.text import TextTokenizer
 from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig, Refined, refine
+from semires.resize import NearestRule
 from semires.train import (
     Evaluation,
     LoopConfig,
@@ -125,7 +126,8 @@ class UnlabeledDataset(ExpressionDataset):
 
     ``geometric`` moves image, hidden ground truth and proposals together (and may rewrite
     the sentence, e.g. a flip swaps left and right); ``photometric`` then makes the strong
-    view from the weak one. Proposals are read from the store for every item, resized and
+    view from the weak one. ``proposal_rule``: how proposals are resized nearest
+    (:mod:`semires.resize`). Proposals are read from the store for every item, resized and
     bit-packed without being unpacked (:meth:`ProposalStore.packed_masks`); nothing is kept
     per image. The store opens its arrays lazily in each process that reads it.
     """
@@ -142,6 +144,7 @@ class UnlabeledDataset(ExpressionDataset):
         geometric: Transform | None = None,
         photometric: Transform | None = None,
         cache_mb: float = 0,
+        proposal_rule: NearestRule = "pil",
     ) -> None:
         super().__init__(
             refs,
@@ -160,13 +163,16 @@ class UnlabeledDataset(ExpressionDataset):
             )
         self.geometric = geometric
         self.photometric = photometric
+        self.proposal_rule = proposal_rule
 
     def proposals(self, image_id: int, mirrored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image's proposals nearest-resized (as the masks), mirrored left-right if
-        ``mirrored``, bit-packed, by their nonempty rows: ``(rows, where)``, see
-        :class:`UnlabeledSample` (:meth:`ProposalStore.packed_rows`)."""
+        """The image's proposals nearest-resized under ``proposal_rule`` (``"pil"``: as the
+        ground truth, lined up with the image; ``"torch"``: as the official code, with
+        ``F.interpolate``), mirrored left-right if ``mirrored``, bit-packed, by their
+        nonempty rows: ``(rows, where)``, see :class:`UnlabeledSample`
+        (:meth:`ProposalStore.packed_rows`)."""
         s = self.image_size
-        where, rows = self.store.packed_rows(image_id, (s, s), mirror=mirrored)
+        where, rows = self.store.packed_rows(image_id, (s, s), mirror=mirrored, rule=self.proposal_rule)
         return torch.from_numpy(rows), torch.from_numpy(where)
 
     def __getitem__(self, key: int | tuple[int, int]) -> UnlabeledSample:  # type: ignore[override]

@@ -191,7 +191,7 @@ def evaluate(
     """Every expression of ``dataset``: IoU of the argmax mask, and the split's metrics.
 
     ``resolution="input"`` compares at the model's input size against the ground truth
-    resized nearest (LAVT's protocol); ``"original"`` upsamples the logits (bilinear) to each
+    resized with PIL's nearest (LAVT's protocol); ``"original"`` upsamples the logits (bilinear) to each
     image's own size, as prediction does (:func:`semires.logits.foreground`), and compares
     with the full-resolution mask. ``loader``: batches of ``dataset`` from a loader made once
     (:func:`eval_loader`) instead of a new one.

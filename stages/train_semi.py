@@ -28,6 +28,7 @@ from semires.errors import SemiresError
 from semires.model.build import count_parameters
 from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig
+from semires.resize import NEAREST_RULES
 from semires.semi import SemiConfig, UnlabeledDataset, train_semi
 from semires.train import load_model, save_checkpoint, train_supervised
 from stages.burn_in import MAX_BATCH, MAX_STEPS, loop_config, read_labeled
@@ -115,6 +116,9 @@ class SemiParams:
     ema_rate: float = 0.9996  # per step
     refine: RefineParams = dataclasses.field(default_factory=RefineParams)
     augment: AugmentParams = dataclasses.field(default_factory=AugmentParams)
+    # how proposals are resized to the input size: pil (PIL's NEAREST, as the ground truth:
+    # lined up with the image) | torch (F.interpolate's nearest, as the official code)
+    proposal_resize: str = "pil"
     quality_samples: int = 256  # unlabeled expressions scored for pseudo-label quality
     log_every: int = 10
     eval_every: int = 2000
@@ -160,6 +164,12 @@ class SemiParams:
         check(self.sup_weight > 0, "semi.sup_weight", self.sup_weight, "expected a positive factor, e.g. 1")
         check(self.unsup_weight >= 0, "semi.unsup_weight", self.unsup_weight, "expected lambda >= 0")
         check(0 <= self.ema_rate <= 1, "semi.ema_rate", self.ema_rate, "expected a rate in [0, 1]")
+        check(
+            self.proposal_resize in NEAREST_RULES,
+            "semi.proposal_resize",
+            self.proposal_resize,
+            "expected pil (as the ground truth) or torch (F.interpolate, as the official code)",
+        )
         check(self.quality_samples >= 0, "semi.quality_samples", self.quality_samples, "expected >= 0")
         check(self.eval_every >= 0, "semi.eval_every", self.eval_every, "expected 0 (end only) or steps")
 
@@ -317,11 +327,12 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
         photometric = ColourJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)
         unl_set = UnlabeledDataset(
             unl_refs, dp.image_dir, tok, store, image_size=size, max_tokens=tokens,
-            geometric=geometric, photometric=photometric, cache_mb=cache,
+            geometric=geometric, photometric=photometric, cache_mb=cache, proposal_rule=sp.proposal_resize,
         )  # fmt: skip
         quality_set = UnlabeledDataset(
-            unl_refs, dp.image_dir, tok, unl_set.store, image_size=size, max_tokens=tokens, cache_mb=cache
-        )
+            unl_refs, dp.image_dir, tok, unl_set.store, image_size=size, max_tokens=tokens, cache_mb=cache,
+            proposal_rule=sp.proposal_resize,
+        )  # fmt: skip
         n = len(quality_set)
         picks = sorted(random.Random(sp.seed).sample(range(n), min(n, sp.quality_samples)))
         cfg = loop_config(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -17,8 +18,6 @@ from semires.data import (
     StepSampler,
     View,
     make_loader,
-    resize_mask,
-    resize_mask_np,
     swap_left_right,
 )
 from semires.errors import SemiresError
@@ -62,14 +61,15 @@ def test_sample_fields_and_collation(synth):
     assert isinstance(batch, Sample) and batch.image.shape == (3, 3, 32, 32) and len(batch.sentence) == 3
 
 
-def test_mask_is_resized_nearest_from_the_ref(synth):
+def test_mask_is_resized_as_pils_nearest_from_the_ref(synth):
+    from PIL import Image
+
     ds = make(synth)
     ref = ds.refs[0]
-    full = torch.from_numpy(ref.decode_mask())
-    rows = (torch.arange(32) * ref.height / 32).floor().long()  # nearest: floor(dst * scale)
-    cols = (torch.arange(32) * ref.width / 32).floor().long()
-    assert torch.equal(ds[0].mask.bool(), full[rows][:, cols])
-    assert torch.equal(ds.full_mask(0), full)
+    full = ref.decode_mask()
+    want = np.asarray(Image.fromarray(full.view(np.uint8)).resize((32, 32), Image.NEAREST))
+    assert torch.equal(ds[0].mask, torch.from_numpy(want.astype(np.int64)))
+    assert torch.equal(ds.full_mask(0), torch.from_numpy(full))
 
 
 def test_step_sampler_is_a_function_of_seed_and_step(synth):
@@ -133,15 +133,6 @@ def test_missing_image_names_the_file(synth, tmp_path):
     ds = ExpressionDataset(anns.refs, tmp_path, tok, image_size=32, max_tokens=12)
     with pytest.raises(SemiresError, match=r"image not found; check dataset.image_dir"):
         ds[0]
-
-
-@pytest.mark.parametrize(("h", "w"), [(480, 640), (427, 640), (64, 96), (7, 300), (33, 33)])
-@pytest.mark.parametrize("size", [32, 64, 480])
-def test_mask_picked_by_index_equals_interpolate_nearest(h, w, size):
-    mask = torch.rand(h, w, generator=torch.Generator().manual_seed(h + w)) > 0.5
-    want = resize_mask(mask.to(torch.uint8), size)
-    got = resize_mask_np(mask.numpy().view("uint8"), size)
-    assert torch.equal(torch.from_numpy(got), want)
 
 
 def test_image_cache_keeps_at_most_its_budget_least_recently_used_out():

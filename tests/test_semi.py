@@ -199,12 +199,13 @@ def test_weak_and_strong_views_share_the_geometry_of_their_proposals(project):
     assert any(torch.equal(p.to(torch.uint8), b.gt) for p in unpack_bits(laid_out(b), SIZE))
 
 
-def test_proposals_are_the_stores_masks_resized_nearest(project):
+@pytest.mark.parametrize("rule", ["pil", "torch"])
+def test_proposals_are_the_stores_masks_resized_nearest(project, rule):
     _, anns, _, _ = project
     spec, _ = tiny(anns)
-    ds = unlabeled(project, spec)
+    ds = unlabeled(project, spec, proposal_rule=rule)
     item = ds[0]
-    want = ds.store.masks(item.image_id, size=(SIZE, SIZE))
+    want = ds.store.masks(item.image_id, size=(SIZE, SIZE), rule=rule)
     # the nonempty rows only travel, bit-packed, each with its place among the N x S rows
     assert item.proposals.dtype == torch.uint8 and item.proposals.shape[1] == SIZE // 8
     assert len(item.proposals) == int(want.any(-1).sum()) == len(item.proposal_rows)
