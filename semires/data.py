@@ -136,10 +136,54 @@ class HorizontalFlip:
         )
 
 
+def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=gen).item()
+
+
+def _symmetric(gen: torch.Generator, s: float) -> float:
+    """Uniform in ``[-s, s]``."""
+    return (torch.rand((), generator=gen).item() * 2 - 1) * s
+
+
+@dataclass(frozen=True)
+class GaussianBlur:
+    """With probability ``p``, blur the image with PIL's ``ImageFilter.GaussianBlur``, its
+    radius (PIL's name for the standard deviation) drawn uniformly in ``sigma``.
+
+    The official weak view (``RandomGaussianBlur(p=0.5)``) blurs the uint8 image with
+    ``radius=1``: ``sigma=(1.0, 1.0)``; its commented-out line drew sigma in [0.1, 2.0].
+    The [0, 1] image is blurred as the uint8 image it came from (``x * 255`` rounded:
+    exact for a resized image), as the official code does through ``ToPILImage``.
+    """
+
+    p: float = 0.5
+    sigma: tuple[float, float] = (1.0, 1.0)
+
+    def __call__(self, view: View, gen: torch.Generator) -> View:
+        if torch.rand((), generator=gen).item() >= self.p:
+            return view
+        from PIL import Image, ImageFilter
+
+        radius = _uniform(gen, *self.sigma)
+        pixels = view.image.mul(255).round_().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        blurred = Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=radius))
+        return replace(view, image=image_tensor(np.array(blurred)))
+
+
+JITTER_ORDER = ("brightness", "contrast", "saturation", "hue")
+
+
 @dataclass(frozen=True)
 class ColourJitter:
-    """Random brightness / contrast / saturation (and hue if ``hue`` > 0) on the [0, 1] image.
+    """With probability ``p``, random brightness / contrast / saturation (and hue if ``hue``
+    > 0) on the [0, 1] image: factors drawn in ``[1 - s, 1 + s]``, the hue shift in
+    ``[-hue, hue]``.
 
+    ``random_order``: the four adjustments in a random order, as torchvision's
+    ``ColorJitter`` (the official strong view: ``p=0.5``, 0.25 for all four), else in the
+    order of :data:`JITTER_ORDER`. The official code jitters the *normalised* tensor, where
+    torchvision's clamp to [0, 1] cuts off every value below the mean, and normalises it
+    again; here the raw image is jittered and the model normalises once.
     Hue stays 0 where colour words name the object (the synthetic set): a hue shift would
     make "the red circle" green.
     """
@@ -148,19 +192,36 @@ class ColourJitter:
     contrast: float = 0.4
     saturation: float = 0.4
     hue: float = 0.0
+    p: float = 1.0
+    random_order: bool = False
 
-    def __call__(self, view: View, gen: torch.Generator) -> View:
+    def draw(self, gen: torch.Generator) -> tuple[list[int], list[float]] | None:
+        """``(order, [brightness, contrast, saturation, hue])`` for one image, or None (no
+        jitter, probability ``1 - p``). ``order`` indexes :data:`JITTER_ORDER`; the hue
+        shift is only drawn when ``hue`` > 0."""
+        if self.p < 1 and torch.rand((), generator=gen).item() >= self.p:
+            return None
+        order = torch.randperm(4, generator=gen).tolist() if self.random_order else [0, 1, 2, 3]
+        factors = [1.0 + _symmetric(gen, s) for s in (self.brightness, self.contrast, self.saturation)]
+        factors.append(_symmetric(gen, self.hue) if self.hue > 0 else 0.0)
+        return order, factors
+
+    @staticmethod
+    def apply(image: torch.Tensor, order: Sequence[int], factors: Sequence[float]) -> torch.Tensor:
+        """The adjustments of :meth:`draw` on a ``3 x H x W`` [0, 1] image, in ``order``."""
         from torchvision.transforms.v2 import functional as TF
 
-        def factor(s: float) -> float:
-            return 1.0 + (torch.rand((), generator=gen).item() * 2 - 1) * s
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for k in order:
+            if k < 3 or factors[3] != 0:
+                image = adjust[k](image, factors[k])
+        return image.clamp(0, 1)
 
-        img = TF.adjust_brightness(view.image, factor(self.brightness))
-        img = TF.adjust_contrast(img, factor(self.contrast))
-        img = TF.adjust_saturation(img, factor(self.saturation))
-        if self.hue > 0:
-            img = TF.adjust_hue(img, (torch.rand((), generator=gen).item() * 2 - 1) * self.hue)
-        return replace(view, image=img.clamp(0, 1))
+    def __call__(self, view: View, gen: torch.Generator) -> View:
+        drawn = self.draw(gen)
+        if drawn is None:
+            return view
+        return replace(view, image=self.apply(view.image, *drawn))
 
 
 def load_image(path: Path) -> torch.Tensor:

@@ -23,7 +23,7 @@ import typer
 
 from semires import annotations, distributed
 from semires.atomic import atomic_path, write_json
-from semires.data import ColourJitter, Compose, ExpressionDataset, HorizontalFlip
+from semires.data import ColourJitter, Compose, ExpressionDataset, GaussianBlur, HorizontalFlip, Transform
 from semires.errors import SemiresError
 from semires.model.build import count_parameters
 from semires.proposals.store import ProposalStore
@@ -83,19 +83,46 @@ class RefineParams:
 
 @dataclasses.dataclass(frozen=True)
 class AugmentParams:
-    """semi.augment.*: the weak view's flip and the strong view's colour jitter."""
+    """semi.augment.*: the weak view (flip, blur) and the strong view (colour jitter on the
+    weak one). Defaults: the official scripts' views."""
 
-    flip: bool = True  # also swaps left/right in the sentence
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.0  # the public code's 0.25 would turn "the red circle" green
+    flip: bool = False  # weak view; also swaps left/right in the sentence (official: none)
+    blur_p: float = 0.5  # weak view: PIL Gaussian blur with this probability (official: 0.5)
+    blur_sigma: tuple[float, float] = (1.0, 1.0)  # its radius (sigma) drawn in [lo, hi] (official: 1)
+    brightness: float = 0.25  # strong view: factors in [1 - s, 1 + s] (official: [0.75, 1.25])
+    contrast: float = 0.25
+    saturation: float = 0.25
+    hue: float = 0.25  # a hue shift in [-hue, hue] (official: 0.25)
+    jitter_p: float = 0.5  # the strong view is jittered with this probability (official: 0.5)
+    jitter_random_order: bool = True  # the four adjustments in a random order, as torchvision
 
     def __post_init__(self) -> None:
         for key in ("brightness", "contrast", "saturation"):
             v = getattr(self, key)
             check(0 <= v < 1, f"semi.augment.{key}", v, "expected a strength in [0, 1)")
         check(0 <= self.hue <= 0.5, "semi.augment.hue", self.hue, "expected a hue shift in [0, 0.5]")
+        for key in ("blur_p", "jitter_p"):
+            v = getattr(self, key)
+            check(0 <= v <= 1, f"semi.augment.{key}", v, "expected a probability in [0, 1]")
+        lo, hi = self.blur_sigma
+        check(
+            0 < lo <= hi <= 50,
+            "semi.augment.blur_sigma",
+            list(self.blur_sigma),
+            "expected [lo, hi] with 0 < lo <= hi <= 50 pixels, e.g. [1, 1] (the official radius)",
+        )
+
+    def views(self) -> tuple[Transform | None, Transform]:
+        """``(weak, strong)``: the weak view's transforms (None: the resized image as is) and
+        the colour jitter that makes the strong view from it."""
+        weak = ([HorizontalFlip()] if self.flip else []) + (
+            [GaussianBlur(self.blur_p, self.blur_sigma)] if self.blur_p > 0 else []
+        )
+        strong = ColourJitter(
+            self.brightness, self.contrast, self.saturation, self.hue, p=self.jitter_p,
+            random_order=self.jitter_random_order,
+        )  # fmt: skip
+        return (Compose(weak) if weak else None), strong
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,9 +349,7 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
         )  # fmt: skip
     else:
         rcfg = sp.refine_config(method)
-        aug = sp.augment
-        geometric = Compose([HorizontalFlip()]) if aug.flip else None
-        photometric = ColourJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)
+        geometric, photometric = sp.augment.views()
         unl_set = UnlabeledDataset(
             unl_refs, dp.image_dir, tok, store, image_size=size, max_tokens=tokens,
             geometric=geometric, photometric=photometric, cache_mb=cache, proposal_rule=sp.proposal_resize,

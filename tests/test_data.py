@@ -12,6 +12,7 @@ from semires.data import (
     ColourJitter,
     Compose,
     ExpressionDataset,
+    GaussianBlur,
     HorizontalFlip,
     ImageCache,
     Sample,
@@ -168,3 +169,63 @@ def test_loader_workers_give_the_batches_of_the_main_process(synth):
 
     for a, b in zip(batches(0), batches(2), strict=True):
         assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask) and a.sentence == b.sentence
+
+
+def _rgb_view(seed: int, h: int = 21, w: int = 27) -> View:
+    rgb = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return View(image=rgb.float() / 255)
+
+
+@pytest.mark.parametrize("sigma", [(1.0, 1.0), (0.1, 2.0)])
+def test_blur_is_pils_gaussian_blur_of_the_uint8_image(sigma):
+    from PIL import Image, ImageFilter
+
+    view = _rgb_view(1)
+    for seed in range(4):
+        out = GaussianBlur(p=1.0, sigma=sigma)(view, torch.Generator().manual_seed(seed))
+        draws = torch.rand(2, generator=torch.Generator().manual_seed(seed))  # p, then the radius
+        radius = sigma[0] + (sigma[1] - sigma[0]) * draws[1].item()
+        pixels = (view.image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        want = np.array(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=radius)))
+        assert torch.equal(out.image, torch.from_numpy(want).permute(2, 0, 1).float() / 255)
+    assert GaussianBlur(p=0.0)(view, torch.Generator().manual_seed(0)) is view
+
+
+def test_blur_and_jitter_apply_with_their_probability():
+    view = _rgb_view(0)
+    blurred = sum(GaussianBlur(p=0.5)(view, torch.Generator().manual_seed(s)) is not view for s in range(200))
+    jittered = sum(ColourJitter(p=0.5).draw(torch.Generator().manual_seed(s)) is not None for s in range(200))
+    assert 70 < blurred < 130 and 70 < jittered < 130
+    assert all(ColourJitter().draw(torch.Generator().manual_seed(s)) is not None for s in range(50))
+
+
+def test_jitter_draws_torchvisions_ranges_and_order():
+    jit = ColourJitter(0.25, 0.25, 0.25, 0.25, random_order=True)
+    orders = set()
+    for s in range(300):
+        order, f = jit.draw(torch.Generator().manual_seed(s))
+        orders.add(tuple(order))
+        assert sorted(order) == [0, 1, 2, 3]
+        assert all(0.75 <= x <= 1.25 for x in f[:3]) and -0.25 <= f[3] <= 0.25
+    assert len(orders) == 24  # every order of the four adjustments
+    fixed = ColourJitter(0.25, 0.25, 0.25, 0.25)
+    assert {tuple(fixed.draw(torch.Generator().manual_seed(s))[0]) for s in range(20)} == {(0, 1, 2, 3)}
+
+
+def test_jitter_applies_the_adjustments_as_torchvisions_color_jitter():
+    """A transcription of torchvision's ColorJitter.forward, given its drawn order and factors."""
+    from torchvision.transforms import functional as TF1
+
+    img = _rgb_view(3).image
+    for order, f in (([2, 0, 3, 1], [0.8, 1.2, 0.9, 0.1]), ([0, 1, 2, 3], [1.1, 0.76, 1.24, -0.2])):
+        want = img
+        for fn_id in order:
+            if fn_id == 0:
+                want = TF1.adjust_brightness(want, f[0])
+            elif fn_id == 1:
+                want = TF1.adjust_contrast(want, f[1])
+            elif fn_id == 2:
+                want = TF1.adjust_saturation(want, f[2])
+            else:
+                want = TF1.adjust_hue(want, f[3])
+        torch.testing.assert_close(ColourJitter.apply(img, order, f), want)
