@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -107,12 +108,44 @@ class Compose:
         return view
 
 
-_LR_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+_LEFT_RIGHT = re.compile(r"left|right", re.IGNORECASE)
+_WORD = re.compile(r"[A-Za-z]+")
+# Words that hold "left" or "right" without meaning a side; kept as written (compared by
+# their form with every "right" read as "left", which a swap does not change, so that a
+# word and its swap are both kept or both swapped and flipping twice gives the sentence back).
+_NOT_A_SIDE = frozenset(
+    w.replace("right", "left")
+    for w in (
+        "bright", "brighter", "brightest", "brightly", "brightness", "brighten", "brightened",
+        "upright", "uprights", "alright", "allright", "copyright", "wright", "fright", "frightened",
+        "frightening", "birthright", "downright", "outright", "forthright", "righteous", "playwright",
+        "cartwright", "shipwright", "wheelwright", "leftover", "leftovers", "cleft",
+    )
+)  # fmt: skip
+
+
+def _swap_word(match: re.Match) -> str:
+    word = match.group(0)
+    if _LEFT_RIGHT.search(word) is None or word.lower().replace("right", "left") in _NOT_A_SIDE:
+        return word
+    return _LEFT_RIGHT.sub(_swap_side, word)
+
+
+def _swap_side(match: re.Match) -> str:
+    side = match.group(0)
+    other = "right" if side.lower() == "left" else "left"
+    if side.isupper():
+        return other.upper()
+    return other.capitalize() if side[0].isupper() else other
 
 
 def swap_left_right(sentence: str) -> str:
-    """'the shape left of the circle' -> 'the shape right of the circle' (word by word)."""
-    return " ".join(_LR_SWAP.get(w, w) for w in sentence.split(" "))
+    """The sentence of the mirrored image: every "left" becomes "right" and back, within words
+    too ("leftmost", "left-most", "bottomright", "farleft"), in the case written ("Left guy"
+    -> "Right guy", "LEFT" -> "RIGHT"), punctuation and spacing untouched ("far left, kid"
+    -> "far right, kid"). Words where the letters do not mean a side ("bright", "upright",
+    "leftover") are kept. Flipping twice gives the sentence back."""
+    return _WORD.sub(_swap_word, sentence)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -106,6 +111,48 @@ def test_no_labeled_refs_is_a_clear_error(synth):
     ds = make(synth, refs=[])
     with pytest.raises(SemiresError, match="no labeled refs"):
         StepSampler(ds, batch_size=2, total_steps=2, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("sentence", "flipped"),
+    [
+        ("Left guy", "Right guy"),
+        ("guy on the left.", "guy on the right."),
+        ("far left, kid", "far right, kid"),
+        ("LEFTMOST zebra", "RIGHTMOST zebra"),
+        ("left-most  bowl;right-most cup", "right-most  bowl;left-most cup"),
+        ("bottomright corner, farleft guy", "bottomleft corner, farright guy"),
+        ("bright shirt on the right", "bright shirt on the left"),  # bright is no side
+        ("upright piano leftover cake left", "upright piano leftover cake right"),
+    ],
+)
+def test_flip_rewrites_sides_in_real_sentences(sentence, flipped):
+    assert swap_left_right(sentence) == flipped and swap_left_right(flipped) == sentence
+
+
+def test_flip_on_every_sentence_of_the_refcoco_split_file():
+    """Every distinct sentence of the SemiRES RefCOCO 1 % file: flipping twice gives it back,
+    and no side survives a flip: each word's "left"s become "right"s and back, but for the
+    two words of the file where the letters mean no side."""
+    path = Path(__file__).parent / "data" / "refcoco_1pct_sentences.json.gz"
+    sentences = json.loads(gzip.decompress(path.read_bytes()))["sentences"]
+    assert len(sentences) == 15222
+    sided = 0
+    for s in sentences:
+        f = swap_left_right(s)
+        assert swap_left_right(f) == s, s
+        words, flipped = re.findall(r"[A-Za-z]+|[^A-Za-z]+", s), re.findall(r"[A-Za-z]+|[^A-Za-z]+", f)
+        assert len(words) == len(flipped), s
+        for w, v in zip(words, flipped, strict=True):
+            lw, lv = w.lower(), v.lower()
+            if lw in ("bright", "upright") or ("left" not in lw and "right" not in lw):
+                assert v == w, (s, w)
+            else:
+                assert lv == "".join(
+                    {"left": "right", "right": "left"}.get(p, p) for p in re.split(r"(left|right)", lw)
+                )
+                sided += 1
+    assert sided > 6000  # about half the sentences name a side
 
 
 def test_flip_swaps_left_and_right_and_moves_masks_with_the_image():
