@@ -75,6 +75,7 @@ from semires.train import (
     rng_state,
     save_checkpoint,
     to_device,
+    training_mode,
     unwrap,
 )
 
@@ -523,11 +524,13 @@ def train_semi(
     info = dist_info or distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     device, scratch = info.device, Path(scratch)
     torch.manual_seed(cfg.seed + info.rank)
-    student.to(device).train()
+    training_mode(student.to(device), cfg.bert_dropout)
     teacher = copy.deepcopy(student).to(device)
     teacher.requires_grad_(False)
     teacher.eval()
-    optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(
+        student, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=cfg.no_decay, bert_layers=cfg.bert_layers
+    )
     scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
     start = 0
     if resume and scratch.is_file():
@@ -619,6 +622,7 @@ def train_semi(
             if info.is_main:
                 if val_set is not None:
                     final = evaluate(unwrap(net), val_set, device=device, loader=val_loader)
+                    training_mode(student, cfg.bert_dropout)  # evaluate restores train() everywhere
                 q = quality()
                 last_quality = q if q is not None else last_quality
                 if on_metrics is not None:

@@ -51,25 +51,89 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.module
 # --- optimisation ---------------------------------------------------------------------------
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on normalisation layers and position biases/embeddings."""
+NO_DECAY_RULES = ("official", "norms")
+# Names the official optimiser exempts from weight decay, among the Swin backbone's parameters
+_OFFICIAL_NO_DECAY = ("norm", "absolute_pos_embed", "relative_position_bias_table")
+# The parts of a semires LAVT that are the official model's ``backbone`` (Swin with PWAM,
+# gates and the stage norms inside it); the decoder is its ``classifier``, all decayed
+_OFFICIAL_BACKBONE = ("backbone", "fusion", "gates", "norms")
+
+
+def _no_decay_official(name: str) -> bool:
+    """The official rule on a semires LAVT parameter name: no decay only for backbone
+    parameters whose official name holds ``norm``, ``absolute_pos_embed`` or
+    ``relative_position_bias_table``. Swin's names are the official ones; ``norms.i`` is
+    the official ``norm{i}``; PWAM and gate parameters hold none of the words (PWAM's
+    instance norms have no parameters), so they decay, as the decoder's (its BatchNorms too)
+    and BERT's (its LayerNorms too)."""
+    return name.split(".")[0] in _OFFICIAL_BACKBONE and any(k in name for k in _OFFICIAL_NO_DECAY)
+
+
+def frozen_text(model: nn.Module, bert_layers: int | None) -> set[str]:
+    """Names of the text encoder's parameters that never update when only BERT's first
+    ``bert_layers`` encoder layers train (the official optimiser's layers 0-9: embeddings
+    and the later layers stay as loaded); empty for None (all of BERT trains)."""
+    if bert_layers is None:
+        return set()
+    keep = tuple(f"text.bert.encoder.layer.{i}." for i in range(bert_layers))
+    return {n for n, _ in model.named_parameters() if n.startswith("text.") and not n.startswith(keep)}
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, *, no_decay: str = "norms", bert_layers: int | None = None
+) -> list[dict[str, Any]]:
+    """AdamW groups: ``decay`` (``weight_decay``) and ``no decay``.
+
+    ``no_decay``: ``"norms"`` exempts every normalisation layer and position
+    bias/embedding (BERT's included); ``"official"`` exempts what the official optimiser
+    does (:func:`_no_decay_official`). ``bert_layers``: the text parameters outside BERT's
+    first ``bert_layers`` encoder layers are frozen (``requires_grad`` off, in no group;
+    :func:`frozen_text`).
+    """
+    if no_decay not in NO_DECAY_RULES:
+        raise ValueError(f"no_decay {no_decay!r}: expected one of {NO_DECAY_RULES}")
+    frozen = frozen_text(model, bert_layers)
     no_decay_ids = set()
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(module, _NORMS) or any(n in full for n in _NO_DECAY_NAMES):
+            if full in frozen:
+                p.requires_grad_(False)
+            if no_decay == "official":
+                exempt = _no_decay_official(full)
+            else:
+                exempt = isinstance(module, _NORMS) or any(n in full for n in _NO_DECAY_NAMES)
+            if exempt:
                 no_decay_ids.add(id(p))
     decay = [p for p in model.parameters() if p.requires_grad and id(p) not in no_decay_ids]
-    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) in no_decay_ids]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    no_decay_params = [p for p in model.parameters() if p.requires_grad and id(p) in no_decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay_params, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    no_decay: str = "norms",
+    bert_layers: int | None = None,
+) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; the fused kernel where the parameters' device has one
     (CPU, CUDA): one kernel for all tensors instead of a loop, 9 % of a tiny-LAVT CPU step."""
     devices = {p.device.type for p in model.parameters()}
     fused = len(devices) == 1 and devices <= {"cpu", "cuda"}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=fused or None)
+    groups = param_groups(model, weight_decay, no_decay=no_decay, bert_layers=bert_layers)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def training_mode(model: nn.Module, bert_dropout: bool = True) -> nn.Module:
+    """``model`` in training mode; with ``bert_dropout`` off its text encoder stays in eval
+    mode (no dropout), as the official burn-in leaves the BERT it loaded. Returns ``model``."""
+    model.train()
+    text = getattr(unwrap(model), "text", None)
+    if not bert_dropout and isinstance(text, nn.Module):
+        text.eval()
+    return model
 
 
 def poly_factor(step: int, total_steps: int, power: float) -> float:
@@ -542,6 +606,9 @@ class LoopConfig:
     weight_decay: float = 1e-2
     poly_power: float = 0.9
     class_weights: tuple[float, float] = (0.9, 1.1)
+    no_decay: str = "norms"  # which parameters AdamW does not decay (param_groups)
+    bert_layers: int | None = None  # None: all of BERT trains; n: its first n encoder layers only
+    bert_dropout: bool = True  # BERT's dropout on while training (training_mode)
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 50
@@ -587,8 +654,10 @@ def train_supervised(
     info = dist_info or distributed.DistInfo(0, 1, 0, torch.device("cpu"))
     device, scratch = info.device, Path(scratch)
     torch.manual_seed(cfg.seed + info.rank)
-    model.to(device).train()
-    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    training_mode(model.to(device), cfg.bert_dropout)
+    optimizer = make_optimizer(
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=cfg.no_decay, bert_layers=cfg.bert_layers
+    )
     scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
     start = 0
     if resume and scratch.is_file():
@@ -650,6 +719,7 @@ def train_supervised(
         if at_eval:
             if info.is_main:
                 final = evaluate(model, val_set, device=device, loader=val_loader)
+                training_mode(model, cfg.bert_dropout)  # evaluate restores train() everywhere
                 if on_metrics is not None:
                     on_metrics(step, {f"val/{k}": v for k, v in final.metrics.items() if k != "count"})
             distributed.barrier()

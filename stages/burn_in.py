@@ -19,7 +19,7 @@ from semires.atomic import atomic_path
 from semires.data import ExpressionDataset
 from semires.errors import SemiresError
 from semires.model.build import ModelConfig, ModelSpec, count_parameters, prepare, preset
-from semires.train import LoopConfig, save_checkpoint, train_supervised
+from semires.train import NO_DECAY_RULES, LoopConfig, save_checkpoint, train_supervised
 from stages.common import (
     DEFAULT_PARAMS,
     AnnsOption,
@@ -96,6 +96,9 @@ class BurnInParams:
     weight_decay: float = 1e-2
     poly_power: float = 0.9
     class_weights: tuple[float, float] = (0.9, 1.1)
+    no_decay: str = "official"  # official: backbone norms and position biases only | norms: every norm
+    bert_layers: int | None = 10  # BERT encoder layers that train (official: 0-9); null: all of BERT
+    bert_dropout: bool = False  # the official burn-in leaves BERT in eval mode (no dropout)
     log_every: int = 10
     eval_every: int = 2000  # 0: validate only at the end
     checkpoint_every: int = 500
@@ -139,12 +142,30 @@ class BurnInParams:
                 getattr(self, key),
                 "expected a positive step count",
             )
+        check_text_training("burn_in", self.no_decay, self.bert_layers)
         check(
             self.eval_every >= 0,
             "burn_in.eval_every",
             self.eval_every,
             "expected 0 (end only) or a step count",
         )
+
+
+def check_text_training(section_name: str, no_decay: str, bert_layers: int | None) -> None:
+    """The optimiser knobs burn_in and semi share: which parameters decay, which of BERT train."""
+    check(
+        no_decay in NO_DECAY_RULES,
+        f"{section_name}.no_decay",
+        no_decay,
+        "expected official (no decay on the backbone's norms and position biases only) or norms "
+        "(on every normalisation layer and position bias/embedding)",
+    )
+    check(
+        bert_layers is None or 0 <= bert_layers <= 1000,
+        f"{section_name}.bert_layers",
+        bert_layers,
+        "expected null (all of BERT trains) or how many of its first encoder layers train (official: 10)",
+    )
 
 
 def model_config(p: ModelParams) -> ModelConfig:

@@ -31,7 +31,7 @@ from semires.refine import RefineConfig
 from semires.resize import NEAREST_RULES
 from semires.semi import SemiConfig, UnlabeledDataset, train_semi
 from semires.train import load_model, save_checkpoint, train_supervised
-from stages.burn_in import MAX_BATCH, MAX_STEPS, loop_config, read_labeled
+from stages.burn_in import MAX_BATCH, MAX_STEPS, check_text_training, loop_config, read_labeled
 from stages.common import (
     DEFAULT_PARAMS,
     AnnsOption,
@@ -138,6 +138,9 @@ class SemiParams:
     weight_decay: float = 1e-2
     poly_power: float = 0.9
     class_weights: tuple[float, float] = (0.9, 1.1)
+    no_decay: str = "official"  # official: backbone norms and position biases only | norms: every norm
+    bert_layers: int | None = 10  # BERT encoder layers that train (official: 0-9); null: all of BERT
+    bert_dropout: bool = True  # the official student's BERT trains with dropout (train mode)
     sup_weight: float = 1.0  # the supervised term's factor; the public IOM script's is 10, its CPI one's 1
     unsup_weight: float = 1.0  # lambda
     ema_rate: float = 0.9996  # per step
@@ -188,6 +191,7 @@ class SemiParams:
             list(self.class_weights),
             "expected two positive weights [background, object]",
         )
+        check_text_training("semi", self.no_decay, self.bert_layers)
         check(self.sup_weight > 0, "semi.sup_weight", self.sup_weight, "expected a positive factor, e.g. 1")
         check(self.unsup_weight >= 0, "semi.unsup_weight", self.unsup_weight, "expected lambda >= 0")
         check(0 <= self.ema_rate <= 1, "semi.ema_rate", self.ema_rate, "expected a rate in [0, 1]")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from semires.errors import SemiresError
+from stages.burn_in import BurnInParams
 from stages.params import section
 from stages.train_semi import AugmentParams, SemiParams
 
@@ -18,6 +21,20 @@ def _section(tmp_path, name, cls, value):
 
 # (section, class, value, the message docs/errors.md shows)
 BAD = [
+    (
+        "burn_in",
+        BurnInParams,
+        {"no_decay": "bias"},
+        "params.yaml: burn_in.no_decay = 'bias': expected official (no decay on the backbone's norms and "
+        "position biases only) or norms (on every normalisation layer and position bias/embedding)",
+    ),
+    (
+        "semi",
+        SemiParams,
+        {"bert_layers": -1},
+        "params.yaml: semi.bert_layers = -1: expected null (all of BERT trains) or how many of its first "
+        "encoder layers train (official: 10)",
+    ),
     (
         "semi",
         SemiParams,
@@ -68,3 +85,81 @@ def test_the_default_views_are_the_official_scripts():
     assert strong == ColourJitter(0.25, 0.25, 0.25, 0.25, p=0.5, random_order=True)
     weak, _ = AugmentParams(flip=False, blur_p=0.0).views()
     assert weak is None  # the resized image as it is
+
+
+# --- what trains, and how: the official optimiser ----------------------------------------
+
+OFFICIAL = Path(__file__).parent / "data" / "lavt_official"
+
+
+def official_groups(model_keys, bert_keys, params):
+    """A transcription of the official get_optim_param over the official names: the
+    backbone's parameters split by name, the classifier's, BERT's encoder layers 0-9."""
+    backbone = [k.removeprefix("backbone.") for k in model_keys if k.startswith("backbone.") and k in params]
+    no_decay = {
+        "backbone." + n
+        for n in backbone
+        if "norm" in n or "absolute_pos_embed" in n or "relative_position_bias_table" in n
+    }
+    decay = {"backbone." + n for n in backbone} - no_decay
+    decay |= {k for k in model_keys if k.startswith("classifier.") and k in params}
+    decay |= {k for k in bert_keys if any(k.startswith(f"bert_model: encoder.layer.{i}.") for i in range(10))}
+    return decay, no_decay
+
+
+def test_the_official_optimiser_groups_on_the_official_names():
+    from semires.model.official import convert_state, import_official, read_official
+    from semires.train import param_groups
+
+    ck = read_official(OFFICIAL / "official_checkpoint.pth")
+    model = import_official(OFFICIAL / "official_checkpoint.pth", OFFICIAL / "bert").model
+    origin = convert_state(ck).origin  # semires key -> official key
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model, 0.01, no_decay="official", bert_layers=10)
+    decay = {origin[names[id(p)]] for p in groups[0]["params"]}
+    no_decay = {origin[names[id(p)]] for p in groups[1]["params"]}
+    official_params = set(origin[n] for n in names.values())
+    bert_keys = {v for v in origin.values() if v.startswith("bert_model: ")}
+    want_decay, want_no_decay = official_groups(list(ck.model), bert_keys, official_params)
+    assert no_decay == want_no_decay and decay == want_decay
+    assert len(no_decay) > 20 and len(decay) > 100
+    assert any("fusion" in k for k in decay) and any("res_gate" in k for k in decay)  # PWAM, gates decay
+    assert any(k.startswith("classifier.") and ".bn" in k for k in decay)  # the decoder's BatchNorms too
+    assert any("LayerNorm" in k for k in decay)  # and BERT's LayerNorms
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("text.bert.embeddings.") for n in frozen)  # 1 layer: all train
+
+
+def test_bert_layers_freeze_embeddings_and_the_later_layers_and_norms_rule_keeps_semires():
+    from semires.model.build import TextConfig, prepare, preset
+    from semires.train import param_groups
+
+    config = preset("tiny", image_size=64, text=TextConfig(num_layers=12, hidden_size=16, num_heads=2))
+    model = prepare(config, corpus=["a left dog", "the right cat"])[1]
+    groups = param_groups(model, 0.01, no_decay="official", bert_layers=10)
+    trained = {id(p) for g in groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        later = ("text.bert.encoder.layer.10.", "text.bert.encoder.layer.11.")
+        frozen = n.startswith("text.bert.embeddings.") or n.startswith(later)
+        assert (id(p) not in trained and not p.requires_grad) == frozen, n
+    model = prepare(config, corpus=["a left dog"])[1]
+    decay, no_decay = param_groups(model, 0.01)  # semires: every norm and position embedding exempt
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert (
+        "text.bert.embeddings.LayerNorm.weight" in exempt
+        and "text.bert.embeddings.position_embeddings.weight" in exempt
+    )
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+
+
+def test_bert_dropout_off_keeps_the_text_encoder_in_eval_mode_through_evaluation():
+    from semires.model.build import TextConfig, prepare, preset
+    from semires.train import training_mode
+
+    model = prepare(preset("tiny", image_size=64, text=TextConfig(dropout=0.1)), corpus=["a dog"])[1]
+    training_mode(model, bert_dropout=False)
+    assert model.training and model.decoder.training and not model.text.training
+    assert not any(m.training for m in model.text.modules())
+    training_mode(model, bert_dropout=True)
+    assert all(m.training for m in model.text.modules())
