@@ -251,6 +251,7 @@ def evaluate(
     resolution: str = "input",
     num_workers: int | None = 0,
     loader: DataLoader | None = None,
+    precision: str = "fp32",
 ) -> Evaluation:
     """Every expression of ``dataset``: IoU of the argmax mask, and the split's metrics.
 
@@ -258,7 +259,8 @@ def evaluate(
     resized with PIL's nearest (LAVT's protocol); ``"original"`` upsamples the logits (bilinear) to each
     image's own size, as prediction does (:func:`semires.logits.foreground`), and compares
     with the full-resolution mask. ``loader``: batches of ``dataset`` from a loader made once
-    (:func:`eval_loader`) instead of a new one.
+    (:func:`eval_loader`) instead of a new one. ``precision``: ``"fp32"`` (the paper's) or
+    ``"bf16"`` (:func:`semires.logits.forward`).
     """
     if resolution not in ("input", "original"):
         raise ValueError(f"resolution must be 'input' or 'original', not {resolution!r}")
@@ -270,7 +272,7 @@ def evaluate(
     try:
         for batch in loader:
             b = to_device(batch, device)
-            logits = forward(model, b.image, b.input_ids, b.attention_mask)
+            logits = forward(model, b.image, b.input_ids, b.attention_mask, precision=precision)
             if resolution == "input":
                 inter, union = intersection_union(logits.argmax(1), b.mask.bool())
             else:

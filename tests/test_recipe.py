@@ -9,6 +9,7 @@ import yaml
 
 from semires.errors import SemiresError
 from stages.burn_in import BurnInParams
+from stages.evaluate import EvaluateParams
 from stages.params import section
 from stages.train_semi import AugmentParams, SemiParams
 
@@ -21,6 +22,13 @@ def _section(tmp_path, name, cls, value):
 
 # (section, class, value, the message docs/errors.md shows)
 BAD = [
+    (
+        "evaluate",
+        EvaluateParams,
+        {"precision": "fp16"},
+        "params.yaml: evaluate.precision = 'fp16': expected fp32 (the paper's) or bf16 "
+        "(autocast, faster on a GPU)",
+    ),
     (
         "burn_in",
         BurnInParams,
@@ -163,3 +171,26 @@ def test_bert_dropout_off_keeps_the_text_encoder_in_eval_mode_through_evaluation
     assert not any(m.training for m in model.text.modules())
     training_mode(model, bert_dropout=True)
     assert all(m.training for m in model.text.modules())
+
+
+# --- evaluation precision ------------------------------------------------------------------
+
+
+def test_evaluation_is_fp32_by_default_and_bf16_on_request():
+    import torch
+
+    from semires.logits import forward
+    from semires.model.build import prepare, preset
+
+    torch.manual_seed(0)
+    model = prepare(preset("tiny", image_size=64), corpus=["the left dog"])[1].eval()
+    image, ids = torch.rand(2, 3, 64, 64), torch.randint(1, 20, (2, 6))
+    att = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = model(image, ids, att)
+    fp32 = forward(model, image, ids, att)
+    bf16 = forward(model, image, ids, att, precision="bf16")
+    assert torch.equal(fp32, plain) and fp32.dtype == bf16.dtype == torch.float32
+    assert not torch.equal(bf16, plain) and torch.allclose(bf16, plain, atol=0.5)
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        forward(model, image, ids, att, precision="fp16")
