@@ -59,6 +59,7 @@ from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig, Refined, refine
 from semires.resize import NearestRule
 from semires.train import (
+    BestOnVal,
     Evaluation,
     LoopConfig,
     LoopResult,
@@ -68,12 +69,14 @@ from semires.train import (
     eval_loader,
     evaluate,
     gather_objects,
+    keep_best,
     load_checkpoint,
     make_optimizer,
     poly_schedule,
     restore,
     rng_state,
     save_checkpoint,
+    stop_all,
     to_device,
     training_mode,
     unwrap,
@@ -533,12 +536,15 @@ def train_semi(
     )
     scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
     start = 0
+    best = BestOnVal(cfg.patience) if cfg.keep == "best_val" else None  # selected on the teacher
     if resume and scratch.is_file():
         ckpt = load_checkpoint(scratch, expect_fingerprint=spec.fingerprint(), expect_run_key=run_key)
         if ckpt.teacher is None:
             raise SemiresError(f"{scratch}: not a teacher-student checkpoint; delete it to start afresh")
         teacher.load_state_dict(ckpt.teacher)
         start = restore(ckpt, student, optimizer, scheduler, info, cfg.seed)
+        if best is not None:
+            best.load(ckpt.best)
     net = DistributedDataParallel(student) if info.world_size > 1 else student
 
     def sampler(dataset, batch_size, seed):
@@ -587,6 +593,7 @@ def train_semi(
             save_checkpoint(
                 scratch, spec=spec, model=student, step=step, run_key=run_key, optimizer=optimizer,
                 scheduler=scheduler, rng={"ranks": states}, teacher=teacher,
+                best=best.state() if best is not None else None,
             )  # fmt: skip
 
     t0 = time.perf_counter()
@@ -618,27 +625,40 @@ def train_semi(
             logged["train/lr"] = lr
             on_metrics(step, logged)
             sums, count = {}, 0
+        stop = False
         if at_eval:
             if info.is_main:
+                row: dict[str, float] = {}
                 if val_set is not None:
                     final = evaluate(unwrap(net), val_set, device=device, loader=val_loader)
                     training_mode(student, cfg.bert_dropout)  # evaluate restores train() everywhere
+                    row = {f"val/{k}": v for k, v in final.metrics.items() if k != "count"}
+                    if best is not None:  # the official selection: the teacher's val oIoU
+                        t_eval = evaluate(teacher, val_set, device=device, loader=val_loader)
+                        best.update(step, t_eval.metrics, {"model": student, "teacher": teacher})
+                        row.update({f"val_teacher/{k}": v for k, v in t_eval.metrics.items() if k != "count"})
                 q = quality()
                 last_quality = q if q is not None else last_quality
                 if on_metrics is not None:
-                    row = {f"val/{k}": v for k, v in (final.metrics if final else {}).items() if k != "count"}
                     row.update({f"pseudo/{k}": v for k, v in (q or {}).items()})
                     on_metrics(step, row)
+            stop = best is not None and stop_all(best.exhausted())
             distributed.barrier()
         if at_save:
             save(step)
             saved = step
             distributed.barrier()
-        if step == end:
+        if step == end or stop:  # stop: no better teacher val oIoU for cfg.patience evaluations
             break
     if final is None and val_set is not None and step == cfg.steps and info.is_main:
         final = evaluate(unwrap(net), val_set, device=device, loader=val_loader)
+        if best is not None:
+            best.update(step, evaluate(teacher, val_set, device=device, loader=val_loader).metrics,
+                        {"model": student, "teacher": teacher})  # fmt: skip
         last_quality = quality()
+    selected = None
+    if best is not None and info.is_main:  # the teacher's evaluation at the selected step
+        final, selected = keep_best(best, None, step, {"model": student, "teacher": teacher})
     return SemiResult(
         steps=step,
         resumed_from=start,
@@ -647,4 +667,5 @@ def train_semi(
         teacher=teacher,
         start_quality=first_quality,
         final_quality=last_quality,
+        selected_step=selected,
     )

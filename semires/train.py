@@ -344,6 +344,7 @@ class Checkpoint:
     rng: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     teacher: dict[str, torch.Tensor] | None = None  # the EMA teacher of a teacher-student run
+    best: dict[str, Any] | None = None  # a "best on val" run's best so far (BestOnVal.state)
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -371,10 +372,12 @@ def save_checkpoint(
     rng: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     teacher: nn.Module | None = None,
+    best: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint atomically. ``run_key`` names the run's inputs (data, params) so a
     resume from another run's checkpoint is refused; ``rng`` is e.g. ``{"ranks": [rng_state()]}``;
-    ``meta`` holds plain values only; ``teacher`` is a teacher-student run's EMA teacher."""
+    ``meta`` holds plain values only; ``teacher`` is a teacher-student run's EMA teacher;
+    ``best`` a "best on val" run's best weights so far (:meth:`BestOnVal.state`)."""
     obj: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -393,6 +396,8 @@ def save_checkpoint(
         obj["rng"] = rng
     if teacher is not None:
         obj["teacher"] = unwrap(teacher).state_dict()
+    if best is not None:
+        obj["best"] = best
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         try:
             torch.save(obj, f)
@@ -472,6 +477,7 @@ def load_checkpoint(
         rng=obj.get("rng"),
         meta=dict(obj.get("meta", {})),
         teacher=obj.get("teacher"),
+        best=obj.get("best"),
     )
 
 
@@ -597,6 +603,82 @@ class NonFiniteWatch:
         )
 
 
+# --- which weights a run keeps ---------------------------------------------------------
+
+KEEP = ("last", "best_val")
+
+
+class BestOnVal:
+    """The official selection: the weights of the evaluation with the best val oIoU (strictly
+    better than every earlier one), and how many evaluations since it (``stale``); with
+    ``patience`` the run stops once ``stale`` reaches it (the official teacher-student
+    scripts: 5 epochs). The weights are kept as CPU copies, by name (``"model"``,
+    ``"teacher"``), and travel in the scratch checkpoint so that a resumed run selects as an
+    unbroken one.
+    """
+
+    def __init__(self, patience: int | None = None) -> None:
+        self.patience = patience
+        self.step: int | None = None
+        self.oiou = -math.inf
+        self.metrics: dict[str, float] = {}
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}
+        self.stale = 0
+
+    def update(self, step: int, metrics: dict[str, float], networks: dict[str, nn.Module]) -> bool:
+        """Note an evaluation at ``step``; True (and the networks' weights copied) if it is the best."""
+        if metrics["oIoU"] > self.oiou:
+            self.step, self.oiou, self.metrics, self.stale = step, float(metrics["oIoU"]), dict(metrics), 0
+            self.weights = {
+                k: {n: t.detach().to("cpu", copy=True) for n, t in unwrap(m).state_dict().items()}
+                for k, m in networks.items()
+            }
+            return True
+        self.stale += 1
+        return False
+
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.stale >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "oIoU": self.oiou, "metrics": self.metrics, "stale": self.stale,
+                "weights": self.weights}  # fmt: skip
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.step, self.oiou, self.stale = state["step"], float(state["oIoU"]), int(state["stale"])
+            self.metrics, self.weights = dict(state["metrics"]), state["weights"]
+
+    def restore(self, networks: dict[str, nn.Module]) -> None:
+        """Load the best weights into ``networks`` (nothing if no evaluation was made)."""
+        for k, m in networks.items():
+            if k in self.weights:
+                unwrap(m).load_state_dict(self.weights[k])
+
+
+def keep_best(
+    best: BestOnVal | None, final: Evaluation | None, final_step: int, networks: dict[str, nn.Module]
+) -> tuple[Evaluation | None, int | None]:
+    """At the end of a run: with a best step, its weights into ``networks`` and its evaluation
+    (the per-expression results only if it is ``final``, made at ``final_step``); else
+    ``final`` as it is."""
+    if best is None or best.step is None:
+        return final, None
+    best.restore(networks)
+    if final is not None and best.step == final_step:
+        return final, best.step
+    return Evaluation([], dict(best.metrics)), best.step
+
+
+def stop_all(stop: bool) -> bool:
+    """Rank 0's decision, on every rank (``stop`` of the other ranks is ignored)."""
+    if not torch.distributed.is_initialized():
+        return stop
+    flag = [stop]
+    torch.distributed.broadcast_object_list(flag, src=0)
+    return bool(flag[0])
+
+
 # --- the supervised loop -------------------------------------------------------------------
 
 
@@ -611,6 +693,8 @@ class LoopConfig:
     no_decay: str = "norms"  # which parameters AdamW does not decay (param_groups)
     bert_layers: int | None = None  # None: all of BERT trains; n: its first n encoder layers only
     bert_dropout: bool = True  # BERT's dropout on while training (training_mode)
+    keep: str = "last"  # the weights a run ends with: last | best_val (BestOnVal)
+    patience: int | None = None  # best_val: stop after this many evaluations without a better one
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 50
@@ -624,7 +708,8 @@ class LoopResult:
     steps: int
     resumed_from: int
     seconds: float
-    final_eval: Evaluation | None
+    final_eval: Evaluation | None  # of the weights the run ends with (the best step's with best_val)
+    selected_step: int | None = None  # best_val: the step whose weights the model now holds
 
 
 MetricsHook = Callable[[int, dict[str, float]], None]
@@ -662,9 +747,12 @@ def train_supervised(
     )
     scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
     start = 0
+    best = BestOnVal(cfg.patience) if cfg.keep == "best_val" else None
     if resume and scratch.is_file():
         ckpt = load_checkpoint(scratch, expect_fingerprint=spec.fingerprint(), expect_run_key=run_key)
         start = restore(ckpt, model, optimizer, scheduler, info, cfg.seed)
+        if best is not None:
+            best.load(ckpt.best)
     net = DistributedDataParallel(model) if info.world_size > 1 else model
     sampler = StepSampler(
         train_set,
@@ -695,6 +783,7 @@ def train_supervised(
             save_checkpoint(
                 scratch, spec=spec, model=model, step=step, run_key=run_key,
                 optimizer=optimizer, scheduler=scheduler, rng={"ranks": states},
+                best=best.state() if best is not None else None,
             )  # fmt: skip
 
     watch, saved = NonFiniteWatch(device), (start or None)
@@ -718,20 +807,33 @@ def train_supervised(
             on_metrics(step, {"train/loss": float(np.mean(losses)), "train/lr": lr})
             losses = []
         # evaluate
+        stop = False
         if at_eval:
             if info.is_main:
                 final = evaluate(model, val_set, device=device, loader=val_loader)
                 training_mode(model, cfg.bert_dropout)  # evaluate restores train() everywhere
+                if best is not None:
+                    best.update(step, final.metrics, {"model": model})
                 if on_metrics is not None:
                     on_metrics(step, {f"val/{k}": v for k, v in final.metrics.items() if k != "count"})
+            stop = best is not None and stop_all(best.exhausted())
             distributed.barrier()
         # save
         if at_save:
             save(step)
             saved = step
             distributed.barrier()
-        if step == end:
+        if step == end or stop:  # stop: no better val oIoU for cfg.patience evaluations
             break
     if final is None and val_set is not None and step == cfg.steps and info.is_main:
         final = evaluate(model, val_set, device=device, loader=val_loader)  # resumed when done
-    return LoopResult(steps=step, resumed_from=start, seconds=time.perf_counter() - t0, final_eval=final)
+        if best is not None:
+            best.update(step, final.metrics, {"model": model})
+    final, selected = keep_best(best, final, step, {"model": model}) if info.is_main else (final, None)
+    return LoopResult(
+        steps=step,
+        resumed_from=start,
+        seconds=time.perf_counter() - t0,
+        final_eval=final,
+        selected_step=selected,
+    )

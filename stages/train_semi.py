@@ -31,7 +31,7 @@ from semires.refine import RefineConfig
 from semires.resize import NEAREST_RULES
 from semires.semi import SemiConfig, UnlabeledDataset, train_semi
 from semires.train import load_model, save_checkpoint, train_supervised
-from stages.burn_in import MAX_BATCH, MAX_STEPS, check_text_training, loop_config, read_labeled
+from stages.burn_in import MAX_BATCH, MAX_STEPS, check_keep, check_text_training, loop_config, read_labeled
 from stages.common import (
     DEFAULT_PARAMS,
     AnnsOption,
@@ -141,6 +141,10 @@ class SemiParams:
     no_decay: str = "official"  # official: backbone norms and position biases only | norms: every norm
     bert_layers: int | None = 10  # BERT encoder layers that train (official: 0-9); null: all of BERT
     bert_dropout: bool = True  # the official student's BERT trains with dropout (train mode)
+    # the weights the stage writes: last (the last step's: nothing selected on val) | best_val (the
+    # evaluation with the best val oIoU, as the official scripts keep; the teacher's in train_semi)
+    keep: str = "last"
+    patience: int | None = None  # best_val: stop after this many evaluations without a better one
     sup_weight: float = 1.0  # the supervised term's factor; the public IOM script's is 10, its CPI one's 1
     unsup_weight: float = 1.0  # lambda
     ema_rate: float = 0.9996  # per step
@@ -192,6 +196,7 @@ class SemiParams:
             "expected two positive weights [background, object]",
         )
         check_text_training("semi", self.no_decay, self.bert_layers)
+        check_keep("semi", self.keep, self.patience)
         check(self.sup_weight > 0, "semi.sup_weight", self.sup_weight, "expected a positive factor, e.g. 1")
         check(self.unsup_weight >= 0, "semi.unsup_weight", self.unsup_weight, "expected lambda >= 0")
         check(0 <= self.ema_rate <= 1, "semi.ema_rate", self.ema_rate, "expected a rate in [0, 1]")
@@ -395,6 +400,8 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
         "unlabeled_refs": len(unl_refs),
         "burn_in_step": ckpt.step,
     }
+    if result.selected_step is not None:  # keep: best_val (val/* are then the teacher's)
+        meta["selected_step"] = result.selected_step
     meta.update({f"val/{k}": float(v) for k, v in val.items()})
     save_checkpoint(out, spec=spec, model=model, step=result.steps, run_key=key, meta=meta, teacher=teacher)
     write_json(quality_path, {f"{method}/{percent:g}": quality})

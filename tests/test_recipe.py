@@ -23,6 +23,20 @@ def _section(tmp_path, name, cls, value):
 # (section, class, value, the message docs/errors.md shows)
 BAD = [
     (
+        "burn_in",
+        BurnInParams,
+        {"keep": "best"},
+        "params.yaml: burn_in.keep = 'best': expected last (the last step's weights) or best_val (the best "
+        "val oIoU's, as the official scripts)",
+    ),
+    (
+        "semi",
+        SemiParams,
+        {"patience": 5},
+        "params.yaml: semi.patience = 5: expected null, or with keep: best_val the evaluations without a "
+        "better val oIoU before stopping",
+    ),
+    (
         "evaluate",
         EvaluateParams,
         {"precision": "fp16"},

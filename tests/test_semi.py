@@ -37,7 +37,7 @@ from semires.semi import (
 )
 from semires.split import random_split
 from semires.synth import SynthOptions, write_dataset
-from semires.train import ExpressionDataset, load_checkpoint, make_optimizer, poly_schedule
+from semires.train import ExpressionDataset, evaluate, load_checkpoint, make_optimizer, poly_schedule
 from stages.cli import app
 
 SIZE = 64
@@ -293,6 +293,29 @@ def test_resume_continues_a_killed_teacher_student_run_exactly(
         assert torch.equal(x, y), k
     for (k, x), y in zip(a.teacher.state_dict().items(), b.teacher.state_dict().values(), strict=True):
         assert torch.equal(x, y), k
+
+
+def test_keep_best_val_selects_on_the_teachers_val_oiou(project):
+    _, anns, _, _ = project
+    spec, model = tiny(anns)
+    val = torch.utils.data.Subset(labeled(project, spec), range(4))  # labeled expressions serve as val
+    seen = {}
+
+    def hook(step, metrics):
+        if "val_teacher/oIoU" in metrics:
+            seen[step] = metrics["val_teacher/oIoU"]
+
+    res = train_semi(
+        model, spec, labeled(project, spec), unlabeled(project, spec), val,
+        _cfg(eval_every=1, keep="best_val", patience=2), scratch=project[0] / "best.pt", run_key="k",
+        on_metrics=hook,
+    )  # fmt: skip
+    scores = [seen[s] for s in sorted(seen)]
+    best = 1 + scores.index(max(scores))
+    assert res.selected_step == best and res.final_eval.metrics["oIoU"] == max(scores)
+    assert res.steps == min(4, best + 2)  # patience 2: two evaluations without a better one end it
+    again = evaluate(res.teacher, val, device=torch.device("cpu"))
+    assert again.metrics["oIoU"] == max(scores)  # the teacher holds the selected step's weights
 
 
 class _Everything(nn.Module):
