@@ -534,7 +534,7 @@ def train_semi(
     optimizer = make_optimizer(
         student, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=cfg.no_decay, bert_layers=cfg.bert_layers
     )
-    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
+    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power, horizon=cfg.lr_horizon)
     start = 0
     best = BestOnVal(cfg.patience) if cfg.keep == "best_val" else None  # selected on the teacher
     if resume and scratch.is_file():

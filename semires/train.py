@@ -136,19 +136,26 @@ def training_mode(model: nn.Module, bert_dropout: bool = True) -> nn.Module:
     return model
 
 
-def poly_factor(step: int, total_steps: int, power: float) -> float:
-    """The learning-rate factor of step ``step`` (0-based): ``(1 - step / (total - 1)) ** power``.
+def poly_factor(step: int, total_steps: int, power: float, horizon: int | None = None) -> float:
+    """The learning-rate factor of step ``step`` (0-based).
 
-    1 at the first step and exactly 0 at the last one (``total_steps - 1``).
+    Without ``horizon``: ``(1 - step / (total - 1)) ** power``, 1 at the first step and
+    exactly 0 at the last one (``total_steps - 1``). With it: ``(1 - step / horizon) **
+    power``, the official scripts' ``LambdaLR`` (their horizon is the loaders' lengths times
+    the epochs, so the rate never reaches 0); 0 from ``horizon`` on.
     """
+    if horizon is not None:
+        return max(0.0, 1.0 - step / horizon) ** power
     if total_steps <= 1:
         return 1.0
     return max(0.0, 1.0 - min(step, total_steps - 1) / (total_steps - 1)) ** power
 
 
-def poly_schedule(optimizer: torch.optim.Optimizer, *, total_steps: int, power: float):
+def poly_schedule(
+    optimizer: torch.optim.Optimizer, *, total_steps: int, power: float, horizon: int | None = None
+):
     """Polynomial decay stepped once per training step (``scheduler.step()`` after each)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_factor(s, total_steps, power))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_factor(s, total_steps, power, horizon))
 
 
 @functools.lru_cache(maxsize=16)
@@ -689,6 +696,7 @@ class LoopConfig:
     lr: float = 5e-5
     weight_decay: float = 1e-2
     poly_power: float = 0.9
+    lr_horizon: int | None = None  # None: the poly decay reaches 0 at the last step (poly_factor)
     class_weights: tuple[float, float] = (0.9, 1.1)
     no_decay: str = "norms"  # which parameters AdamW does not decay (param_groups)
     bert_layers: int | None = None  # None: all of BERT trains; n: its first n encoder layers only
@@ -745,7 +753,7 @@ def train_supervised(
     optimizer = make_optimizer(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=cfg.no_decay, bert_layers=cfg.bert_layers
     )
-    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
+    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power, horizon=cfg.lr_horizon)
     start = 0
     best = BestOnVal(cfg.patience) if cfg.keep == "best_val" else None
     if resume and scratch.is_file():

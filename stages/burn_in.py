@@ -95,6 +95,9 @@ class BurnInParams:
     lr: float = 5e-5
     weight_decay: float = 1e-2
     poly_power: float = 0.9
+    # null: the rate reaches 0 at the last step | n: lr * (1 - step / n) ** poly_power, the official
+    # LambdaLR (n = the loaders' lengths x epochs: never 0)
+    lr_horizon: int | None = None
     class_weights: tuple[float, float] = (0.9, 1.1)
     no_decay: str = "official"  # official: backbone norms and position biases only | norms: every norm
     bert_layers: int | None = 10  # BERT encoder layers that train (official: 0-9); null: all of BERT
@@ -147,6 +150,12 @@ class BurnInParams:
                 "expected a positive step count",
             )
         check_text_training("burn_in", self.no_decay, self.bert_layers)
+        check(
+            self.lr_horizon is None or self.lr_horizon >= self.steps,
+            "burn_in.lr_horizon",
+            self.lr_horizon,
+            f"expected null (decay to 0 at the last step) or a step count >= burn_in.steps ({self.steps})",
+        )
         check_keep("burn_in", self.keep, self.patience)
         check(
             self.eval_every >= 0,

@@ -137,6 +137,9 @@ class SemiParams:
     lr: float = 5e-5
     weight_decay: float = 1e-2
     poly_power: float = 0.9
+    # null: the rate reaches 0 at the last step | n: lr * (1 - step / n) ** poly_power, the official
+    # LambdaLR (n = the loaders' lengths x epochs: never 0)
+    lr_horizon: int | None = None
     class_weights: tuple[float, float] = (0.9, 1.1)
     no_decay: str = "official"  # official: backbone norms and position biases only | norms: every norm
     bert_layers: int | None = 10  # BERT encoder layers that train (official: 0-9); null: all of BERT
@@ -196,6 +199,12 @@ class SemiParams:
             "expected two positive weights [background, object]",
         )
         check_text_training("semi", self.no_decay, self.bert_layers)
+        check(
+            self.lr_horizon is None or self.lr_horizon >= self.steps,
+            "semi.lr_horizon",
+            self.lr_horizon,
+            f"expected null (decay to 0 at the last step) or a step count >= semi.steps ({self.steps})",
+        )
         check_keep("semi", self.keep, self.patience)
         check(self.sup_weight > 0, "semi.sup_weight", self.sup_weight, "expected a positive factor, e.g. 1")
         check(self.unsup_weight >= 0, "semi.unsup_weight", self.unsup_weight, "expected lambda >= 0")

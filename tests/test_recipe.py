@@ -25,6 +25,13 @@ BAD = [
     (
         "burn_in",
         BurnInParams,
+        {"steps": 100, "lr_horizon": 50},
+        "params.yaml: burn_in.lr_horizon = 50: expected null (decay to 0 at the last step) or a step count "
+        ">= burn_in.steps (100)",
+    ),
+    (
+        "burn_in",
+        BurnInParams,
         {"keep": "best"},
         "params.yaml: burn_in.keep = 'best': expected last (the last step's weights) or best_val (the best "
         "val oIoU's, as the official scripts)",
@@ -208,3 +215,29 @@ def test_evaluation_is_fp32_by_default_and_bf16_on_request():
     assert not torch.equal(bf16, plain) and torch.allclose(bf16, plain, atol=0.5)
     with pytest.raises(ValueError, match="precision 'fp16'"):
         forward(model, image, ids, att, precision="fp16")
+
+
+# --- the schedule ----------------------------------------------------------------------------
+
+
+def test_lr_horizon_is_the_official_lambda_and_the_paper_recipes_last_rates():
+    import torch
+
+    from semires.train import poly_factor, poly_schedule
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    ours = torch.optim.SGD([p], lr=5e-5)
+    theirs = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-5)
+    # burn-in, RefCOCO 1 %: 432 refs / 4 GPUs / batch 2 = 54 batches an epoch, 40 epochs
+    sched = poly_schedule(ours, total_steps=2160, power=0.9, horizon=54 * 40)
+    official = torch.optim.lr_scheduler.LambdaLR(theirs, lambda x: (1 - x / (54 * 40)) ** 0.9)
+    for _ in range(2160):
+        assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
+        last = ours.param_groups[0]["lr"]
+        ours.step(), sched.step(), theirs.step(), official.step()
+    assert last == pytest.approx(4.988e-8, rel=1e-3)  # semires' own schedule ends at 0
+    assert poly_factor(2159, 2160, 0.9) == 0.0
+    # teacher-student: 3,497 unlabeled + 36 labeled batches in the horizon, 40 epochs of 3,497 steps
+    assert 5e-5 * poly_factor(139_879, 139_880, 0.9, horizon=(3497 + 36) * 40) == pytest.approx(
+        8.065e-7, rel=1e-3
+    )
