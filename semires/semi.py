@@ -527,6 +527,11 @@ def train_semi(
     info = dist_info or distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     device, scratch = info.device, Path(scratch)
     torch.manual_seed(cfg.seed + info.rank)
+    # the teacher must be the same on every rank: with several CUDA processes the BatchNorm
+    # statistics are synchronised (SyncBatchNorm, as the official scripts), else the
+    # teacher's are averaged after each step (distributed.average_buffers)
+    student = distributed.sync_batchnorm(student, device)
+    average_teacher_buffers = info.world_size > 1 and not distributed.batchnorm_synced(student)
     training_mode(student.to(device), cfg.bert_dropout)
     teacher = copy.deepcopy(student).to(device)
     teacher.requires_grad_(False)
@@ -609,6 +614,8 @@ def train_semi(
     for lab, unl in batches:
         lr = optimizer.param_groups[0]["lr"]
         stats = semi_step(net, teacher, lab, unl, optimizer, scheduler, cfg=cfg, device=device)
+        if average_teacher_buffers:
+            distributed.average_buffers(teacher)
         for k, v in stats.items():
             sums[k] = sums[k] + v if k in sums else v.clone()
         count += 1

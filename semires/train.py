@@ -749,6 +749,7 @@ def train_supervised(
     info = dist_info or distributed.DistInfo(0, 1, 0, torch.device("cpu"))
     device, scratch = info.device, Path(scratch)
     torch.manual_seed(cfg.seed + info.rank)
+    model = distributed.sync_batchnorm(model, device)  # several CUDA processes: SyncBatchNorm, as LAVT
     training_mode(model.to(device), cfg.bert_dropout)
     optimizer = make_optimizer(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=cfg.no_decay, bert_layers=cfg.bert_layers

@@ -46,9 +46,12 @@ CW = (0.9, 1.1)
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("semi"))
+
+
+def make_project(root):
     """A synthetic set, its annotation file, a 25 % split and a proposals store made of every
     annotated object's mask of each image plus one empty-handed image (no proposals)."""
-    root = tmp_path_factory.mktemp("semi")
     write_dataset(root / "refer", SynthOptions(num_images=16, seed=11))
     anns = read_refer(root / "refer", "synthref", "unc")
     annotations.save(root / "anns.json", anns)
