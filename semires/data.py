@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from semires import resize
 from semires.annotations import RefRecord
 from semires.bits import flip_bits
-from semires.errors import SemiresError
+from semires.errors import InvalidSetting, SemiresError
 from semires.images import read_rgb
 from semires.model.text import TextTokenizer
 
@@ -189,8 +189,8 @@ class GaussianBlur:
     exact for a resized image), as the official code does through ``ToPILImage``.
     """
 
-    p: float = 0.5
-    sigma: tuple[float, float] = (1.0, 1.0)
+    p: float
+    sigma: tuple[float, float]
 
     def __call__(self, view: View, gen: torch.Generator) -> View:
         if torch.rand((), generator=gen).item() >= self.p:
@@ -221,9 +221,9 @@ class ColourJitter:
     make "the red circle" green.
     """
 
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
+    brightness: float
+    contrast: float
+    saturation: float
     hue: float = 0.0
     p: float = 1.0
     random_order: bool = False
@@ -255,6 +255,60 @@ class ColourJitter:
         if drawn is None:
             return view
         return replace(view, image=self.apply(view.image, *drawn))
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """The teacher-student views (``semi.augment`` in params.yaml); defaults: the official
+    scripts' (``RandomGaussianBlur(p=0.5)``, ``RandomHorizontalFlip(p=0)``,
+    ``RandomColorJitter((0.75, 1.25) x 3, (-0.25, 0.25), p=0.5)``).
+
+    The weak view (the teacher's) is the resized image, mirrored with probability 0.5 if
+    ``flip`` (:class:`HorizontalFlip`) and blurred with probability ``blur_p``
+    (:class:`GaussianBlur`); the strong view (the student's) is the weak one colour-jittered
+    with probability ``jitter_p`` (:class:`ColourJitter`).
+    """
+
+    flip: bool = False  # also swaps left/right in the sentence
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (1.0, 1.0)  # PIL's radius, drawn in [lo, hi]
+    brightness: float = 0.25  # factors in [1 - s, 1 + s]
+    contrast: float = 0.25
+    saturation: float = 0.25
+    hue: float = 0.25  # a hue shift in [-hue, hue]
+    jitter_p: float = 0.5
+    jitter_random_order: bool = True  # the four adjustments in a random order, as torchvision
+
+    def __post_init__(self) -> None:
+        for key in ("brightness", "contrast", "saturation"):
+            v = getattr(self, key)
+            if not 0 <= v < 1:
+                raise InvalidSetting(key, v, "expected a strength in [0, 1)")
+        if not 0 <= self.hue <= 0.5:
+            raise InvalidSetting("hue", self.hue, "expected a hue shift in [0, 0.5]")
+        for key in ("blur_p", "jitter_p"):
+            v = getattr(self, key)
+            if not 0 <= v <= 1:
+                raise InvalidSetting(key, v, "expected a probability in [0, 1]")
+        lo, hi = self.blur_sigma
+        if not 0 < lo <= hi <= 50:
+            raise InvalidSetting(
+                "blur_sigma",
+                list(self.blur_sigma),
+                "expected [lo, hi] with 0 < lo <= hi <= 50 pixels, e.g. [1, 1] (the official radius)",
+            )
+
+    def views(self) -> tuple[Transform | None, Transform]:
+        """``(weak, strong)``: the weak view's transforms (None: the resized image as is) and
+        the colour jitter that makes the strong view from it."""
+        weak: list[Transform] = [HorizontalFlip()] if self.flip else []
+        if self.blur_p > 0:
+            weak.append(GaussianBlur(self.blur_p, self.blur_sigma))
+        strong = ColourJitter(
+            self.brightness, self.contrast, self.saturation, self.hue, p=self.jitter_p,
+            random_order=self.jitter_random_order,
+        )  # fmt: skip
+        return (Compose(weak) if weak else None), strong
 
 
 def load_image(path: Path) -> torch.Tensor:

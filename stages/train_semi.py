@@ -23,11 +23,11 @@ import typer
 
 from semires import annotations, distributed
 from semires.atomic import atomic_path, write_json
-from semires.data import ColourJitter, Compose, ExpressionDataset, GaussianBlur, HorizontalFlip, Transform
+from semires.data import ExpressionDataset, ViewConfig
 from semires.errors import SemiresError
 from semires.model.build import count_parameters
 from semires.proposals.store import ProposalStore
-from semires.refine import RefineConfig
+from semires.refine import METHOD_FIELDS, RefineConfig
 from semires.resize import NEAREST_RULES
 from semires.semi import SemiConfig, UnlabeledDataset, train_semi
 from semires.train import load_model, save_checkpoint, train_supervised
@@ -63,66 +63,16 @@ def parse_method(method: str) -> tuple[str, bool] | None:
 METHODS_HELP = "iom, iom_pwa, cpi, cpi_pwa, raw, raw_pwa or supervised (the fair control)"
 
 
-@dataclasses.dataclass(frozen=True)
-class RefineParams:
-    """semi.refine.*: the method's constants (the public code's values by default)."""
-
-    iou_thresh: float = 0.5
-    inside_thresh: float = 0.7
-    cover_thresh: float = 0.7
-    pwa_offset: float = 1.3
-    pwa_mean: float = 0.5
-    pwa_var: float = 0.1
-
-    def __post_init__(self) -> None:
-        for key in ("iou_thresh", "inside_thresh", "cover_thresh"):
-            v = getattr(self, key)
-            check(0 <= v < 1, f"semi.refine.{key}", v, "expected a threshold in [0, 1)")
-        check(self.pwa_var > 0, "semi.refine.pwa_var", self.pwa_var, "expected a positive variance, e.g. 0.1")
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentParams:
-    """semi.augment.*: the weak view (flip, blur) and the strong view (colour jitter on the
-    weak one). Defaults: the official scripts' views."""
-
-    flip: bool = False  # weak view; also swaps left/right in the sentence (official: none)
-    blur_p: float = 0.5  # weak view: PIL Gaussian blur with this probability (official: 0.5)
-    blur_sigma: tuple[float, float] = (1.0, 1.0)  # its radius (sigma) drawn in [lo, hi] (official: 1)
-    brightness: float = 0.25  # strong view: factors in [1 - s, 1 + s] (official: [0.75, 1.25])
-    contrast: float = 0.25
-    saturation: float = 0.25
-    hue: float = 0.25  # a hue shift in [-hue, hue] (official: 0.25)
-    jitter_p: float = 0.5  # the strong view is jittered with this probability (official: 0.5)
-    jitter_random_order: bool = True  # the four adjustments in a random order, as torchvision
-
-    def __post_init__(self) -> None:
-        for key in ("brightness", "contrast", "saturation"):
-            v = getattr(self, key)
-            check(0 <= v < 1, f"semi.augment.{key}", v, "expected a strength in [0, 1)")
-        check(0 <= self.hue <= 0.5, "semi.augment.hue", self.hue, "expected a hue shift in [0, 0.5]")
-        for key in ("blur_p", "jitter_p"):
-            v = getattr(self, key)
-            check(0 <= v <= 1, f"semi.augment.{key}", v, "expected a probability in [0, 1]")
-        lo, hi = self.blur_sigma
-        check(
-            0 < lo <= hi <= 50,
-            "semi.augment.blur_sigma",
-            list(self.blur_sigma),
-            "expected [lo, hi] with 0 < lo <= hi <= 50 pixels, e.g. [1, 1] (the official radius)",
-        )
-
-    def views(self) -> tuple[Transform | None, Transform]:
-        """``(weak, strong)``: the weak view's transforms (None: the resized image as is) and
-        the colour jitter that makes the strong view from it."""
-        weak = ([HorizontalFlip()] if self.flip else []) + (
-            [GaussianBlur(self.blur_p, self.blur_sigma)] if self.blur_p > 0 else []
-        )
-        strong = ColourJitter(
-            self.brightness, self.contrast, self.saturation, self.hue, p=self.jitter_p,
-            random_order=self.jitter_random_order,
-        )  # fmt: skip
-        return (Compose(weak) if weak else None), strong
+# semi.refine.*: RefineConfig's constants (the method's name sets its strategy and PWA), each
+# field, default and check defined once, in semires.refine
+RefineParams = dataclasses.make_dataclass(
+    "RefineParams",
+    [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(RefineConfig)
+     if f.name not in METHOD_FIELDS],
+    frozen=True,
+    namespace={"__post_init__": lambda self: RefineConfig(**dataclasses.asdict(self))},
+)  # fmt: skip
+AugmentParams = ViewConfig  # semi.augment.*: the views, defined in semires.data
 
 
 @dataclasses.dataclass(frozen=True)

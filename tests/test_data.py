@@ -169,7 +169,7 @@ def test_flip_swaps_left_and_right_and_moves_masks_with_the_image():
 
 
 def test_augmentation_is_seeded_by_the_sampler_key(synth):
-    ds = make(synth, transform=Compose([HorizontalFlip(0.5), ColourJitter()]))
+    ds = make(synth, transform=Compose([HorizontalFlip(0.5), ColourJitter(0.4, 0.4, 0.4)]))
     a, b = ds[(0, 123)], ds[(0, 123)]
     assert torch.equal(a.image, b.image) and a.sentence == b.sentence
     images = {tuple(ds[(0, s)].image.flatten()[:5].tolist()) for s in range(5)}
@@ -205,7 +205,7 @@ def test_items_are_the_same_with_or_without_the_image_cache(synth):
 
 
 def test_loader_workers_give_the_batches_of_the_main_process(synth):
-    ds = make(synth, transform=Compose([HorizontalFlip(0.5), ColourJitter()]))
+    ds = make(synth, transform=Compose([HorizontalFlip(0.5), ColourJitter(0.4, 0.4, 0.4)]))
 
     def batches(workers):
         sampler = StepSampler(ds, batch_size=3, total_steps=4, seed=7)
@@ -235,15 +235,22 @@ def test_blur_is_pils_gaussian_blur_of_the_uint8_image(sigma):
         pixels = (view.image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         want = np.array(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=radius)))
         assert torch.equal(out.image, torch.from_numpy(want).permute(2, 0, 1).float() / 255)
-    assert GaussianBlur(p=0.0)(view, torch.Generator().manual_seed(0)) is view
+    assert GaussianBlur(0.0, (1.0, 1.0))(view, torch.Generator().manual_seed(0)) is view
 
 
 def test_blur_and_jitter_apply_with_their_probability():
     view = _rgb_view(0)
-    blurred = sum(GaussianBlur(p=0.5)(view, torch.Generator().manual_seed(s)) is not view for s in range(200))
-    jittered = sum(ColourJitter(p=0.5).draw(torch.Generator().manual_seed(s)) is not None for s in range(200))
+    blurred = sum(
+        GaussianBlur(0.5, (1.0, 1.0))(view, torch.Generator().manual_seed(s)) is not view for s in range(200)
+    )
+    jittered = sum(
+        ColourJitter(0.4, 0.4, 0.4, p=0.5).draw(torch.Generator().manual_seed(s)) is not None
+        for s in range(200)
+    )
     assert 70 < blurred < 130 and 70 < jittered < 130
-    assert all(ColourJitter().draw(torch.Generator().manual_seed(s)) is not None for s in range(50))
+    assert all(
+        ColourJitter(0.4, 0.4, 0.4).draw(torch.Generator().manual_seed(s)) is not None for s in range(50)
+    )
 
 
 def test_jitter_draws_torchvisions_ranges_and_order():

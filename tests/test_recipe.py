@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,20 @@ def test_bad_recipe_params_are_named(tmp_path, name, cls, value, message):
     with pytest.raises(SemiresError) as e:
         _section(tmp_path, name, cls, value)
     assert str(e.value) == message
+
+
+def test_one_definition_per_setting_the_sections_are_the_library_configs(tmp_path):
+    from semires.data import ViewConfig
+    from semires.refine import RefineConfig
+    from stages.train_semi import RefineParams
+
+    assert AugmentParams is ViewConfig
+    lib = {f.name: f.default for f in dataclasses.fields(RefineConfig) if f.name not in ("strategy", "pwa")}
+    assert {f.name: f.default for f in dataclasses.fields(RefineParams)} == lib
+    with pytest.raises(
+        SemiresError, match=r"semi\.refine\.cover_thresh = 1\.5: expected a threshold in \[0, 1\)"
+    ):
+        _section(tmp_path, "semi", SemiParams, {"refine": {"cover_thresh": 1.5}})
 
 
 def test_the_default_views_are_the_official_scripts():

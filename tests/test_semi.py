@@ -280,7 +280,7 @@ def test_resume_continues_a_killed_teacher_student_run_exactly(
         logs = []
         res = train_semi(
             model, spec, labeled(project, spec),
-            unlabeled(project, spec, geometric=HorizontalFlip(), photometric=ColourJitter()),
+            unlabeled(project, spec, geometric=HorizontalFlip(), photometric=ColourJitter(0.4, 0.4, 0.4)),
             None, _cfg(checkpoint_every=100, num_workers=workers), scratch=scratch, run_key="k",
             on_metrics=lambda s, m: logs.append((s, m.get("train/loss"))), **kw,
         )  # fmt: skip

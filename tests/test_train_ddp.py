@@ -81,7 +81,9 @@ def _semi_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
         def run(scratch, seed=0, **kw):
             spec, model = tiny(anns, seed=seed)  # the same weights on every rank
-            unl = unlabeled(project, spec, geometric=HorizontalFlip(), photometric=ColourJitter())
+            unl = unlabeled(
+                project, spec, geometric=HorizontalFlip(), photometric=ColourJitter(0.4, 0.4, 0.4)
+            )
             res = train_semi(
                 model, spec, labeled(project, spec), unl, None, _cfg(checkpoint_every=100), scratch=scratch,
                 run_key="k", dist_info=info, **kw,
