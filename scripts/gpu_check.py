@@ -838,8 +838,7 @@ def public_style_step(student, teacher, lab, unl, optimizer, scheduler, *, cfg, 
     from semires.bits import unpack_bits
     from semires.ema import ema_update
     from semires.refine import Refined
-    from semires.semi import unsupervised_loss
-    from semires.train import segmentation_loss
+    from semires.semi import pixel_mean_loss, unsupervised_loss
 
     gc.collect()
     if device.type == "cuda":
@@ -856,9 +855,9 @@ def public_style_step(student, teacher, lab, unl, optimizer, scheduler, *, cfg, 
         torch.cat([lab.input_ids, unl.input_ids]),
         torch.cat([lab.attention_mask, unl.attention_mask]),
     )
-    sup = segmentation_loss(logits[:b], lab.mask, cfg.class_weights)
-    unsup = unsupervised_loss(logits[b:], refined, cfg.class_weights)
-    loss = sup + cfg.unsup_weight * unsup
+    sup = pixel_mean_loss(logits[:b], lab.mask, cfg.class_weights)
+    unsup = unsupervised_loss(logits[b:], refined, cfg.class_weights, pwa=cfg.refine.pwa)
+    loss = cfg.sup_weight * sup + cfg.unsup_weight * unsup
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

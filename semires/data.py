@@ -5,9 +5,10 @@ expression of a list of refs; a training sampler draws a ref and then one of its
 (:class:`StepSampler`), evaluation walks all of them. Items are :class:`Sample` named tuples,
 which the default collate stacks field by field into a batch of the same type.
 
-Images come out square, resized to the model's input size (bilinear) and **not** normalised
-(values in [0, 1]): the model normalises, so colour augmentations can act on the raw image.
-Masks are resized nearest-neighbour.
+Images come out square, resized to the model's input size and **not** normalised (values in
+[0, 1]): the model normalises, so colour augmentations can act on the raw image. Images and
+masks are resized as the official pipeline does, with PIL (bilinear on the uint8 image,
+``NEAREST`` for masks; :mod:`semires.resize`).
 
 Memory does not grow with the dataset: an item is made from its files when asked for, and
 what a dataset keeps between items is bounded: decoded images (uint8, as the file holds
@@ -18,10 +19,10 @@ for the whole run, pinned memory on CUDA.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import random
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,12 +31,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from semires import resize
 from semires.annotations import RefRecord
 from semires.bits import flip_bits
-from semires.errors import SemiresError
+from semires.errors import InvalidSetting, SemiresError
 from semires.images import read_rgb
 from semires.model.text import TextTokenizer
 
@@ -107,12 +108,44 @@ class Compose:
         return view
 
 
-_LR_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+_LEFT_RIGHT = re.compile(r"left|right", re.IGNORECASE)
+_WORD = re.compile(r"[A-Za-z]+")
+# Words that hold "left" or "right" without meaning a side; kept as written (compared by
+# their form with every "right" read as "left", which a swap does not change, so that a
+# word and its swap are both kept or both swapped and flipping twice gives the sentence back).
+_NOT_A_SIDE = frozenset(
+    w.replace("right", "left")
+    for w in (
+        "bright", "brighter", "brightest", "brightly", "brightness", "brighten", "brightened",
+        "upright", "uprights", "alright", "allright", "copyright", "wright", "fright", "frightened",
+        "frightening", "birthright", "downright", "outright", "forthright", "righteous", "playwright",
+        "cartwright", "shipwright", "wheelwright", "leftover", "leftovers", "cleft",
+    )
+)  # fmt: skip
+
+
+def _swap_word(match: re.Match) -> str:
+    word = match.group(0)
+    if _LEFT_RIGHT.search(word) is None or word.lower().replace("right", "left") in _NOT_A_SIDE:
+        return word
+    return _LEFT_RIGHT.sub(_swap_side, word)
+
+
+def _swap_side(match: re.Match) -> str:
+    side = match.group(0)
+    other = "right" if side.lower() == "left" else "left"
+    if side.isupper():
+        return other.upper()
+    return other.capitalize() if side[0].isupper() else other
 
 
 def swap_left_right(sentence: str) -> str:
-    """'the shape left of the circle' -> 'the shape right of the circle' (word by word)."""
-    return " ".join(_LR_SWAP.get(w, w) for w in sentence.split(" "))
+    """The sentence of the mirrored image: every "left" becomes "right" and back, within words
+    too ("leftmost", "left-most", "bottomright", "farleft"), in the case written ("Left guy"
+    -> "Right guy", "LEFT" -> "RIGHT"), punctuation and spacing untouched ("far left, kid"
+    -> "far right, kid"). Words where the letters do not mean a side ("bright", "upright",
+    "leftover") are kept. Flipping twice gives the sentence back."""
+    return _WORD.sub(_swap_word, sentence)
 
 
 @dataclass(frozen=True)
@@ -136,31 +169,146 @@ class HorizontalFlip:
         )
 
 
+def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=gen).item()
+
+
+def _symmetric(gen: torch.Generator, s: float) -> float:
+    """Uniform in ``[-s, s]``."""
+    return (torch.rand((), generator=gen).item() * 2 - 1) * s
+
+
+@dataclass(frozen=True)
+class GaussianBlur:
+    """With probability ``p``, blur the image with PIL's ``ImageFilter.GaussianBlur``, its
+    radius (PIL's name for the standard deviation) drawn uniformly in ``sigma``.
+
+    The official weak view (``RandomGaussianBlur(p=0.5)``) blurs the uint8 image with
+    ``radius=1``: ``sigma=(1.0, 1.0)``; its commented-out line drew sigma in [0.1, 2.0].
+    The [0, 1] image is blurred as the uint8 image it came from (``x * 255`` rounded:
+    exact for a resized image), as the official code does through ``ToPILImage``.
+    """
+
+    p: float
+    sigma: tuple[float, float]
+
+    def __call__(self, view: View, gen: torch.Generator) -> View:
+        if torch.rand((), generator=gen).item() >= self.p:
+            return view
+        from PIL import Image, ImageFilter
+
+        radius = _uniform(gen, *self.sigma)
+        pixels = view.image.mul(255).round_().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        blurred = Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=radius))
+        return replace(view, image=image_tensor(np.array(blurred)))
+
+
+JITTER_ORDER = ("brightness", "contrast", "saturation", "hue")
+
+
 @dataclass(frozen=True)
 class ColourJitter:
-    """Random brightness / contrast / saturation (and hue if ``hue`` > 0) on the [0, 1] image.
+    """With probability ``p``, random brightness / contrast / saturation (and hue if ``hue``
+    > 0) on the [0, 1] image: factors drawn in ``[1 - s, 1 + s]``, the hue shift in
+    ``[-hue, hue]``.
 
+    ``random_order``: the four adjustments in a random order, as torchvision's
+    ``ColorJitter`` (the official strong view: ``p=0.5``, 0.25 for all four), else in the
+    order of :data:`JITTER_ORDER`. The official code jitters the *normalised* tensor, where
+    torchvision's clamp to [0, 1] cuts off every value below the mean, and normalises it
+    again; here the raw image is jittered and the model normalises once.
     Hue stays 0 where colour words name the object (the synthetic set): a hue shift would
     make "the red circle" green.
     """
 
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
+    brightness: float
+    contrast: float
+    saturation: float
     hue: float = 0.0
+    p: float = 1.0
+    random_order: bool = False
 
-    def __call__(self, view: View, gen: torch.Generator) -> View:
+    def draw(self, gen: torch.Generator) -> tuple[list[int], list[float]] | None:
+        """``(order, [brightness, contrast, saturation, hue])`` for one image, or None (no
+        jitter, probability ``1 - p``). ``order`` indexes :data:`JITTER_ORDER`; the hue
+        shift is only drawn when ``hue`` > 0."""
+        if self.p < 1 and torch.rand((), generator=gen).item() >= self.p:
+            return None
+        order = torch.randperm(4, generator=gen).tolist() if self.random_order else [0, 1, 2, 3]
+        factors = [1.0 + _symmetric(gen, s) for s in (self.brightness, self.contrast, self.saturation)]
+        factors.append(_symmetric(gen, self.hue) if self.hue > 0 else 0.0)
+        return order, factors
+
+    @staticmethod
+    def apply(image: torch.Tensor, order: Sequence[int], factors: Sequence[float]) -> torch.Tensor:
+        """The adjustments of :meth:`draw` on a ``3 x H x W`` [0, 1] image, in ``order``."""
         from torchvision.transforms.v2 import functional as TF
 
-        def factor(s: float) -> float:
-            return 1.0 + (torch.rand((), generator=gen).item() * 2 - 1) * s
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for k in order:
+            if k < 3 or factors[3] != 0:
+                image = adjust[k](image, factors[k])
+        return image.clamp(0, 1)
 
-        img = TF.adjust_brightness(view.image, factor(self.brightness))
-        img = TF.adjust_contrast(img, factor(self.contrast))
-        img = TF.adjust_saturation(img, factor(self.saturation))
-        if self.hue > 0:
-            img = TF.adjust_hue(img, (torch.rand((), generator=gen).item() * 2 - 1) * self.hue)
-        return replace(view, image=img.clamp(0, 1))
+    def __call__(self, view: View, gen: torch.Generator) -> View:
+        drawn = self.draw(gen)
+        if drawn is None:
+            return view
+        return replace(view, image=self.apply(view.image, *drawn))
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """The teacher-student views (``semi.augment`` in params.yaml); defaults: the official
+    scripts' (``RandomGaussianBlur(p=0.5)``, ``RandomHorizontalFlip(p=0)``,
+    ``RandomColorJitter((0.75, 1.25) x 3, (-0.25, 0.25), p=0.5)``).
+
+    The weak view (the teacher's) is the resized image, mirrored with probability 0.5 if
+    ``flip`` (:class:`HorizontalFlip`) and blurred with probability ``blur_p``
+    (:class:`GaussianBlur`); the strong view (the student's) is the weak one colour-jittered
+    with probability ``jitter_p`` (:class:`ColourJitter`).
+    """
+
+    flip: bool = False  # also swaps left/right in the sentence
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (1.0, 1.0)  # PIL's radius, drawn in [lo, hi]
+    brightness: float = 0.25  # factors in [1 - s, 1 + s]
+    contrast: float = 0.25
+    saturation: float = 0.25
+    hue: float = 0.25  # a hue shift in [-hue, hue]
+    jitter_p: float = 0.5
+    jitter_random_order: bool = True  # the four adjustments in a random order, as torchvision
+
+    def __post_init__(self) -> None:
+        for key in ("brightness", "contrast", "saturation"):
+            v = getattr(self, key)
+            if not 0 <= v < 1:
+                raise InvalidSetting(key, v, "expected a strength in [0, 1)")
+        if not 0 <= self.hue <= 0.5:
+            raise InvalidSetting("hue", self.hue, "expected a hue shift in [0, 0.5]")
+        for key in ("blur_p", "jitter_p"):
+            v = getattr(self, key)
+            if not 0 <= v <= 1:
+                raise InvalidSetting(key, v, "expected a probability in [0, 1]")
+        lo, hi = self.blur_sigma
+        if not 0 < lo <= hi <= 50:
+            raise InvalidSetting(
+                "blur_sigma",
+                list(self.blur_sigma),
+                "expected [lo, hi] with 0 < lo <= hi <= 50 pixels, e.g. [1, 1] (the official radius)",
+            )
+
+    def views(self) -> tuple[Transform | None, Transform]:
+        """``(weak, strong)``: the weak view's transforms (None: the resized image as is) and
+        the colour jitter that makes the strong view from it."""
+        weak: list[Transform] = [HorizontalFlip()] if self.flip else []
+        if self.blur_p > 0:
+            weak.append(GaussianBlur(self.blur_p, self.blur_sigma))
+        strong = ColourJitter(
+            self.brightness, self.contrast, self.saturation, self.hue, p=self.jitter_p,
+            random_order=self.jitter_random_order,
+        )  # fmt: skip
+        return (Compose(weak) if weak else None), strong
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -173,35 +321,16 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
 
 
-def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
-    """``3 x H x W`` -> ``3 x size x size``, bilinear (as LAVT's input pipeline)."""
-    out = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out[0].clamp_(0, 1)
+def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
+    """``H x W x 3`` uint8 -> ``3 x size x size`` float in [0, 1]: PIL's bilinear resize of the
+    uint8 pixels, as the official input pipeline (:func:`semires.resize.resize_image`)."""
+    return image_tensor(np.array(resize.resize_image(image, size)))
 
 
-def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """``... x H x W`` -> ``... x size x size``, nearest neighbour, same dtype."""
-    lead = mask.shape[:-2]
-    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    out = F.interpolate(flat, size=(size, size), mode="nearest")
-    return out.reshape(*lead, size, size).to(mask.dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def nearest_source(src: int, dst: int) -> np.ndarray:
-    """The source index of each of ``dst`` outputs of nearest resizing, exactly as
-    ``F.interpolate(mode="nearest")`` picks it (asked of it once per pair of sizes)."""
-    grid = torch.arange(src, dtype=torch.float32).view(1, 1, src)
-    out = F.interpolate(grid, size=dst, mode="nearest").view(dst).long().numpy()
-    out.flags.writeable = False
-    return out
-
-
-def resize_mask_np(mask: np.ndarray, size: int) -> np.ndarray:
-    """``H x W`` -> ``size x size``, nearest: :func:`resize_mask`'s pixels, picked by index
-    instead of interpolated in float (a fraction of the time at 640 x 480)."""
-    rows, cols = nearest_source(mask.shape[0], size), nearest_source(mask.shape[1], size)
-    return np.take(np.take(mask, rows, axis=0), cols, axis=1)
+def resize_mask_np(mask: np.ndarray, size: int, rule: resize.NearestRule = "pil") -> np.ndarray:
+    """``H x W`` -> ``size x size``, nearest under ``rule`` (default PIL's ``NEAREST``, as the
+    official ground truth; :func:`semires.resize.resize_mask`)."""
+    return resize.resize_mask(mask, (size, size), rule)
 
 
 class ImageCache:
@@ -281,10 +410,10 @@ class ExpressionDataset(Dataset):
         if raw is None:
             raw = read_rgb(self.image_dir / ref.file_name)[0]
             self.cache.put(ref.image_id, raw)
-        return resize_image(image_tensor(raw), self.image_size)
+        return resize_image(raw, self.image_size)
 
     def mask(self, ref: RefRecord) -> torch.Tensor:
-        """The ref's ground truth at the input size: ``S x S`` uint8 (nearest)."""
+        """The ref's ground truth at the input size: ``S x S`` uint8 (PIL's nearest)."""
         return torch.from_numpy(resize_mask_np(ref.decode_mask().view(np.uint8), self.image_size))
 
     def full_mask(self, index: int) -> torch.Tensor:

@@ -204,22 +204,42 @@ def all_sum(values: list[int]) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
-if __name__ == "__main__":
-    raise SystemExit(run_torchrun(sys.argv[1:]))
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average ``module``'s floating-point buffers (BatchNorm statistics) over all ranks, in
+    place, so that every rank holds the same (nothing without a process group).
 
-
-@torch.no_grad()
-def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Give every rank ``src``'s buffers of ``module`` (BatchNorm's running statistics).
-
-    Under DDP each rank's BatchNorm updates its running statistics from its own batch, and
-    DDP broadcasts rank 0's at the next forward; an EMA teacher that reads the student's
-    buffers right after the step would follow a different student on every rank. Called
-    before the EMA update, it makes the teacher identical on every rank (and a resumed run,
-    which restores rank 0's teacher everywhere, the same run). No-op without a group.
-    """
+    Each rank's BatchNorm layers update their statistics from its own share of the batch;
+    an EMA teacher that follows them would differ from rank to rank. SyncBatchNorm (CUDA
+    only) makes the statistics the same by itself; on the CPU the teacher's statistics are
+    averaged after each step instead (the running mean is then exactly the global batch's;
+    the running variance the mean of the ranks' variances)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    works = [dist.broadcast(b, src, async_op=True) for b in module.buffers()]
-    for w in works:
-        w.wait()
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    torch._foreach_copy_(
+        bufs, [c.view_as(b) for c, b in zip(flat.split([b.numel() for b in bufs]), bufs, strict=True)]
+    )
+
+
+def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` with its BatchNorm layers as SyncBatchNorm where that runs (several
+    processes on CUDA), as the official scripts convert student, teacher and burn-in model;
+    the module itself otherwise. State dict keys stay the same."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or device.type != "cuda":
+        return module
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+
+def batchnorm_synced(module: torch.nn.Module) -> bool:
+    """True when every BatchNorm of ``module`` is a SyncBatchNorm (or it has none)."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    return all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_torchrun(sys.argv[1:]))

@@ -12,3 +12,14 @@ class SemiresError(Exception):
 class CollectiveError(SemiresError):
     """A :class:`SemiresError` that every process of a distributed run raises at once, with
     the same message (the ranks agreed on it): the first process alone prints it."""
+
+
+class InvalidSetting(ValueError):
+    """A library configuration object refused one of its values: ``key`` (the field),
+    ``value`` and what is ``expected``. The params reader turns it into a
+    :class:`SemiresError` naming the params key, so a config class can be a params section
+    itself and each check is written once."""
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        super().__init__(f"{key} = {value!r}: {expected}")
+        self.key, self.value, self.expected = key, value, expected

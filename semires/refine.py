@@ -34,6 +34,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from semires.bits import unpack_bits
+from semires.errors import InvalidSetting
 
 Strategy = Literal["iom", "cpi", "none"]
 STRATEGIES: tuple[str, ...] = ("iom", "cpi", "none")
@@ -41,7 +42,9 @@ STRATEGIES: tuple[str, ...] = ("iom", "cpi", "none")
 
 @dataclass(frozen=True, kw_only=True)
 class RefineConfig:
-    """The method's constants; defaults are the public code's values."""
+    """The method's constants; defaults are the public code's values. ``strategy`` and
+    ``pwa`` come from the method's name (``cpi_pwa``), the rest is ``semi.refine`` in
+    params.yaml (:data:`METHOD_FIELDS`)."""
 
     strategy: Strategy = "cpi"
     iou_thresh: float = 0.5  # IOM: a proposal matches above this IoU with c
@@ -54,9 +57,16 @@ class RefineConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy {self.strategy!r}: expected one of {STRATEGIES}")
-        if self.pwa_var <= 0:
-            raise ValueError(f"pwa_var {self.pwa_var}: must be positive")
+            raise InvalidSetting("strategy", self.strategy, f"expected one of {STRATEGIES}")
+        for key in ("iou_thresh", "inside_thresh", "cover_thresh"):
+            v = getattr(self, key)
+            if not 0 <= v < 1:
+                raise InvalidSetting(key, v, "expected a threshold in [0, 1)")
+        if not self.pwa_var > 0:
+            raise InvalidSetting("pwa_var", self.pwa_var, "expected a positive variance, e.g. 0.1")
+
+
+METHOD_FIELDS = ("strategy", "pwa")  # the fields of RefineConfig a method's name sets
 
 
 class Refined(NamedTuple):

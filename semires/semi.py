@@ -6,13 +6,15 @@ proposals, moved by the same flip; the student learns from the labeled batch and
 *strong* view (the weak one plus colour jitter, applied to the raw image before the
 model normalises it), from the repaired labels::
 
-    loss = supervised + unsup_weight * unsupervised
+    loss = sup_weight * supervised + unsup_weight * unsupervised
 
-and the teacher moves towards the student (:func:`semires.ema.ema_update`). The
-unsupervised term is the public code's: matched samples get the class-weighted
-cross-entropy of their refined label, unmatched ones the cross-entropy times their PWA
-weights (mean over their pixels), and the two are averaged over the groups present in
-the batch. Counts stay tensors: nothing reads back to the host inside a step.
+and the teacher moves towards the student (:func:`semires.ema.ema_update`). The terms add
+up as the public teacher-student scripts do: the supervised term is the class-weighted
+cross-entropy, plain mean over the pixels (:func:`pixel_mean_loss`); the unsupervised one
+(:func:`unsupervised_loss`) gives matched samples the same loss on their refined label and
+unmatched ones the unweighted cross-entropy times their PWA weights, each group a plain
+mean over its pixels, the two halved when both are present. Counts stay tensors: nothing
+reads back to the host inside a step.
 
 The hidden ground truth of the unlabeled expressions rides along for diagnostics only
 (:func:`pseudo_label_quality`, the per-step pseudo-label IoU); no loss ever reads it.
@@ -55,7 +57,9 @@ from semires.model.build import ModelSpec
 from semires.model.text import TextTokenizer
 from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig, Refined, refine
+from semires.resize import NearestRule
 from semires.train import (
+    BestOnVal,
     Evaluation,
     LoopConfig,
     LoopResult,
@@ -65,14 +69,16 @@ from semires.train import (
     eval_loader,
     evaluate,
     gather_objects,
+    keep_best,
     load_checkpoint,
     make_optimizer,
     poly_schedule,
     restore,
     rng_state,
     save_checkpoint,
-    segmentation_loss,
+    stop_all,
     to_device,
+    training_mode,
     unwrap,
 )
 
@@ -124,7 +130,8 @@ class UnlabeledDataset(ExpressionDataset):
 
     ``geometric`` moves image, hidden ground truth and proposals together (and may rewrite
     the sentence, e.g. a flip swaps left and right); ``photometric`` then makes the strong
-    view from the weak one. Proposals are read from the store for every item, resized and
+    view from the weak one. ``proposal_rule``: how proposals are resized nearest
+    (:mod:`semires.resize`). Proposals are read from the store for every item, resized and
     bit-packed without being unpacked (:meth:`ProposalStore.packed_masks`); nothing is kept
     per image. The store opens its arrays lazily in each process that reads it.
     """
@@ -141,6 +148,7 @@ class UnlabeledDataset(ExpressionDataset):
         geometric: Transform | None = None,
         photometric: Transform | None = None,
         cache_mb: float = 0,
+        proposal_rule: NearestRule = "pil",
     ) -> None:
         super().__init__(
             refs,
@@ -159,13 +167,16 @@ class UnlabeledDataset(ExpressionDataset):
             )
         self.geometric = geometric
         self.photometric = photometric
+        self.proposal_rule = proposal_rule
 
     def proposals(self, image_id: int, mirrored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image's proposals nearest-resized (as the masks), mirrored left-right if
-        ``mirrored``, bit-packed, by their nonempty rows: ``(rows, where)``, see
-        :class:`UnlabeledSample` (:meth:`ProposalStore.packed_rows`)."""
+        """The image's proposals nearest-resized under ``proposal_rule`` (``"pil"``: as the
+        ground truth, lined up with the image; ``"torch"``: as the official code, with
+        ``F.interpolate``), mirrored left-right if ``mirrored``, bit-packed, by their
+        nonempty rows: ``(rows, where)``, see :class:`UnlabeledSample`
+        (:meth:`ProposalStore.packed_rows`)."""
         s = self.image_size
-        where, rows = self.store.packed_rows(image_id, (s, s), mirror=mirrored)
+        where, rows = self.store.packed_rows(image_id, (s, s), mirror=mirrored, rule=self.proposal_rule)
         return torch.from_numpy(rows), torch.from_numpy(where)
 
     def __getitem__(self, key: int | tuple[int, int]) -> UnlabeledSample:  # type: ignore[override]
@@ -287,22 +298,48 @@ def unlabeled_to_device(batch: UnlabeledSample, device: torch.device) -> Unlabel
 # --- the step ------------------------------------------------------------------------------
 
 
-def unsupervised_loss(logits: torch.Tensor, refined: Refined, class_weights: Sequence[float]) -> torch.Tensor:
-    """The public code's loss on refined pseudo-labels (see the module docstring).
+def pixel_mean_loss(
+    logits: torch.Tensor, target: torch.Tensor, class_weights: Sequence[float]
+) -> torch.Tensor:
+    """Class-weighted cross-entropy, plain mean over every pixel: the teacher-student step's
+    supervised and matched terms, as the public code's
+    ``CrossEntropyLoss(weight=class_weights, reduction="none")(logits, target).mean()``.
 
-    Matched samples: class-weighted cross-entropy (weighted mean over their pixels).
-    Unmatched samples: class-weighted per-pixel cross-entropy times the PWA weights, plain
-    mean over their pixels. The result is the mean of the terms of the groups present; 0
-    for an empty batch. No host sync.
+    ``logits`` B x 2 x H x W, ``target`` B x H x W int64. Unlike ``F.cross_entropy(weight=...)``
+    (the burn-in's loss) the sum is divided by the pixel count, not by the sum of the pixels'
+    class weights.
     """
     w = class_weight_tensor(tuple(class_weights), logits.device)
-    per_pixel = F.cross_entropy(logits.float(), refined.labels, weight=w, reduction="none")  # B x H x W
+    return F.cross_entropy(logits.float(), target, weight=w, reduction="none").mean()
+
+
+def unsupervised_loss(
+    logits: torch.Tensor, refined: Refined, class_weights: Sequence[float], *, pwa: bool = True
+) -> torch.Tensor:
+    """The public code's loss on refined pseudo-labels, as its teacher-student scripts add it up.
+
+    ``logits`` B x 2 x H x W of the student on the strong view; ``refined`` the batch's
+    :class:`~semires.refine.Refined` labels. The samples fall in two groups, each a plain
+    mean over all pixels of its samples (not a mean of per-sample means):
+
+    - matched (a proposal replaced the teacher's mask): class-weighted cross-entropy,
+      :func:`pixel_mean_loss`;
+    - unmatched: with ``pwa``, the cross-entropy *without* class weights times the PWA
+      pixel weights (``refined.weights``); without ``pwa`` (a method the public code does
+      not have), the matched group's class-weighted loss.
+
+    The result is the mean of the terms of the groups present (halved when both are, the
+    term alone when one is), 0 for an empty batch. No host sync.
+    """
+    w = class_weight_tensor(tuple(class_weights), logits.device)
+    per_pixel = F.cross_entropy(logits.float(), refined.labels, reduction="none")  # B x H x W, unweighted
+    weighted = per_pixel * w[refined.labels]
+    unmatched_pp = per_pixel * refined.weights if pwa else weighted
     m = refined.matched.to(torch.float32)[:, None, None]
     u = 1.0 - m
-    matched_norm = (w[refined.labels] * m).sum()
-    matched = (per_pixel * m).sum() / matched_norm.clamp_min(1e-12)
     pixels = per_pixel[0].numel()
-    unmatched = (per_pixel * refined.weights * u).sum() / (u.sum() * pixels).clamp_min(1.0)
+    matched = (weighted * m).sum() / (m.sum() * pixels).clamp_min(1.0)
+    unmatched = (unmatched_pp * u).sum() / (u.sum() * pixels).clamp_min(1.0)
     has_m = refined.matched.any().to(torch.float32)
     has_u = (~refined.matched).any().to(torch.float32)
     return (matched * has_m + unmatched * has_u) / (has_m + has_u).clamp_min(1.0)
@@ -315,6 +352,7 @@ class SemiConfig(LoopConfig):
 
     unlabeled_batch_size: int = 8  # unlabeled expressions per step and process
     refine: RefineConfig = field(default_factory=RefineConfig)
+    sup_weight: float = 1.0  # the supervised term's factor (the public IOM script: 10)
     unsup_weight: float = 1.0
     ema_rate: float = 0.9996
 
@@ -348,14 +386,13 @@ def semi_step(
     att = torch.cat([lab.attention_mask, unl.attention_mask])
     with autocast(device):
         logits = student(images, ids, att)
-    sup = segmentation_loss(logits[:b], lab.mask, cfg.class_weights)
-    unsup = unsupervised_loss(logits[b:], refined, cfg.class_weights)
-    loss = sup + cfg.unsup_weight * unsup
+    sup = pixel_mean_loss(logits[:b], lab.mask, cfg.class_weights)
+    unsup = unsupervised_loss(logits[b:], refined, cfg.class_weights, pwa=cfg.refine.pwa)
+    loss = cfg.sup_weight * sup + cfg.unsup_weight * unsup
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     scheduler.step()
-    distributed.broadcast_buffers(unwrap(student))  # one teacher on every rank
     ema_update(teacher, unwrap(student), cfg.ema_rate)
     gt = unl.gt.bool()
     raw_iou = iou(*intersection_union(refined.raw.bool(), gt)).mean()
@@ -490,19 +527,29 @@ def train_semi(
     info = dist_info or distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     device, scratch = info.device, Path(scratch)
     torch.manual_seed(cfg.seed + info.rank)
-    student.to(device).train()
+    # the teacher must be the same on every rank: with several CUDA processes the BatchNorm
+    # statistics are synchronised (SyncBatchNorm, as the official scripts), else the
+    # teacher's are averaged after each step (distributed.average_buffers)
+    student = distributed.sync_batchnorm(student, device)
+    average_teacher_buffers = info.world_size > 1 and not distributed.batchnorm_synced(student)
+    training_mode(student.to(device), cfg.bert_dropout)
     teacher = copy.deepcopy(student).to(device)
     teacher.requires_grad_(False)
     teacher.eval()
-    optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
+    optimizer = make_optimizer(
+        student, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=cfg.no_decay, bert_layers=cfg.bert_layers
+    )
+    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power, horizon=cfg.lr_horizon)
     start = 0
+    best = BestOnVal(cfg.patience) if cfg.keep == "best_val" else None  # selected on the teacher
     if resume and scratch.is_file():
         ckpt = load_checkpoint(scratch, expect_fingerprint=spec.fingerprint(), expect_run_key=run_key)
         if ckpt.teacher is None:
             raise SemiresError(f"{scratch}: not a teacher-student checkpoint; delete it to start afresh")
         teacher.load_state_dict(ckpt.teacher)
         start = restore(ckpt, student, optimizer, scheduler, info, cfg.seed)
+        if best is not None:
+            best.load(ckpt.best)
     net = DistributedDataParallel(student) if info.world_size > 1 else student
 
     def sampler(dataset, batch_size, seed):
@@ -551,6 +598,7 @@ def train_semi(
             save_checkpoint(
                 scratch, spec=spec, model=student, step=step, run_key=run_key, optimizer=optimizer,
                 scheduler=scheduler, rng={"ranks": states}, teacher=teacher,
+                best=best.state() if best is not None else None,
             )  # fmt: skip
 
     t0 = time.perf_counter()
@@ -566,6 +614,8 @@ def train_semi(
     for lab, unl in batches:
         lr = optimizer.param_groups[0]["lr"]
         stats = semi_step(net, teacher, lab, unl, optimizer, scheduler, cfg=cfg, device=device)
+        if average_teacher_buffers:
+            distributed.average_buffers(teacher)
         for k, v in stats.items():
             sums[k] = sums[k] + v if k in sums else v.clone()
         count += 1
@@ -582,26 +632,40 @@ def train_semi(
             logged["train/lr"] = lr
             on_metrics(step, logged)
             sums, count = {}, 0
+        stop = False
         if at_eval:
             if info.is_main:
+                row: dict[str, float] = {}
                 if val_set is not None:
                     final = evaluate(unwrap(net), val_set, device=device, loader=val_loader)
+                    training_mode(student, cfg.bert_dropout)  # evaluate restores train() everywhere
+                    row = {f"val/{k}": v for k, v in final.metrics.items() if k != "count"}
+                    if best is not None:  # the official selection: the teacher's val oIoU
+                        t_eval = evaluate(teacher, val_set, device=device, loader=val_loader)
+                        best.update(step, t_eval.metrics, {"model": student, "teacher": teacher})
+                        row.update({f"val_teacher/{k}": v for k, v in t_eval.metrics.items() if k != "count"})
                 q = quality()
                 last_quality = q if q is not None else last_quality
                 if on_metrics is not None:
-                    row = {f"val/{k}": v for k, v in (final.metrics if final else {}).items() if k != "count"}
                     row.update({f"pseudo/{k}": v for k, v in (q or {}).items()})
                     on_metrics(step, row)
+            stop = best is not None and stop_all(best.exhausted())
             distributed.barrier()
         if at_save:
             save(step)
             saved = step
             distributed.barrier()
-        if step == end:
+        if step == end or stop:  # stop: no better teacher val oIoU for cfg.patience evaluations
             break
     if final is None and val_set is not None and step == cfg.steps and info.is_main:
         final = evaluate(unwrap(net), val_set, device=device, loader=val_loader)
+        if best is not None:
+            best.update(step, evaluate(teacher, val_set, device=device, loader=val_loader).metrics,
+                        {"model": student, "teacher": teacher})  # fmt: skip
         last_quality = quality()
+    selected = None
+    if best is not None and info.is_main:  # the teacher's evaluation at the selected step
+        final, selected = keep_best(best, None, step, {"model": student, "teacher": teacher})
     return SemiResult(
         steps=step,
         resumed_from=start,
@@ -610,4 +674,5 @@ def train_semi(
         teacher=teacher,
         start_quality=first_quality,
         final_quality=last_quality,
+        selected_step=selected,
     )

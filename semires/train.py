@@ -51,40 +51,111 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.module
 # --- optimisation ---------------------------------------------------------------------------
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on normalisation layers and position biases/embeddings."""
+NO_DECAY_RULES = ("official", "norms")
+# Names the official optimiser exempts from weight decay, among the Swin backbone's parameters
+_OFFICIAL_NO_DECAY = ("norm", "absolute_pos_embed", "relative_position_bias_table")
+# The parts of a semires LAVT that are the official model's ``backbone`` (Swin with PWAM,
+# gates and the stage norms inside it); the decoder is its ``classifier``, all decayed
+_OFFICIAL_BACKBONE = ("backbone", "fusion", "gates", "norms")
+
+
+def _no_decay_official(name: str) -> bool:
+    """The official rule on a semires LAVT parameter name: no decay only for backbone
+    parameters whose official name holds ``norm``, ``absolute_pos_embed`` or
+    ``relative_position_bias_table``. Swin's names are the official ones; ``norms.i`` is
+    the official ``norm{i}``; PWAM and gate parameters hold none of the words (PWAM's
+    instance norms have no parameters), so they decay, as the decoder's (its BatchNorms too)
+    and BERT's (its LayerNorms too)."""
+    return name.split(".")[0] in _OFFICIAL_BACKBONE and any(k in name for k in _OFFICIAL_NO_DECAY)
+
+
+def frozen_text(model: nn.Module, bert_layers: int | None) -> set[str]:
+    """Names of the text encoder's parameters that never update when only BERT's first
+    ``bert_layers`` encoder layers train (the official optimiser's layers 0-9: embeddings
+    and the later layers stay as loaded); empty for None (all of BERT trains)."""
+    if bert_layers is None:
+        return set()
+    keep = tuple(f"text.bert.encoder.layer.{i}." for i in range(bert_layers))
+    return {n for n, _ in model.named_parameters() if n.startswith("text.") and not n.startswith(keep)}
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, *, no_decay: str = "norms", bert_layers: int | None = None
+) -> list[dict[str, Any]]:
+    """AdamW groups: ``decay`` (``weight_decay``) and ``no decay``.
+
+    ``no_decay``: ``"norms"`` exempts every normalisation layer and position
+    bias/embedding (BERT's included); ``"official"`` exempts what the official optimiser
+    does (:func:`_no_decay_official`). ``bert_layers``: the text parameters outside BERT's
+    first ``bert_layers`` encoder layers are frozen (``requires_grad`` off, in no group;
+    :func:`frozen_text`).
+    """
+    if no_decay not in NO_DECAY_RULES:
+        raise ValueError(f"no_decay {no_decay!r}: expected one of {NO_DECAY_RULES}")
+    frozen = frozen_text(model, bert_layers)
     no_decay_ids = set()
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(module, _NORMS) or any(n in full for n in _NO_DECAY_NAMES):
+            if full in frozen:
+                p.requires_grad_(False)
+            if no_decay == "official":
+                exempt = _no_decay_official(full)
+            else:
+                exempt = isinstance(module, _NORMS) or any(n in full for n in _NO_DECAY_NAMES)
+            if exempt:
                 no_decay_ids.add(id(p))
     decay = [p for p in model.parameters() if p.requires_grad and id(p) not in no_decay_ids]
-    no_decay = [p for p in model.parameters() if p.requires_grad and id(p) in no_decay_ids]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    no_decay_params = [p for p in model.parameters() if p.requires_grad and id(p) in no_decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay_params, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    no_decay: str = "norms",
+    bert_layers: int | None = None,
+) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; the fused kernel where the parameters' device has one
     (CPU, CUDA): one kernel for all tensors instead of a loop, 9 % of a tiny-LAVT CPU step."""
     devices = {p.device.type for p in model.parameters()}
     fused = len(devices) == 1 and devices <= {"cpu", "cuda"}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, fused=fused or None)
+    groups = param_groups(model, weight_decay, no_decay=no_decay, bert_layers=bert_layers)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
-def poly_factor(step: int, total_steps: int, power: float) -> float:
-    """The learning-rate factor of step ``step`` (0-based): ``(1 - step / (total - 1)) ** power``.
+def training_mode(model: nn.Module, bert_dropout: bool = True) -> nn.Module:
+    """``model`` in training mode; with ``bert_dropout`` off its text encoder stays in eval
+    mode (no dropout), as the official burn-in leaves the BERT it loaded. Returns ``model``."""
+    model.train()
+    text = getattr(unwrap(model), "text", None)
+    if not bert_dropout and isinstance(text, nn.Module):
+        text.eval()
+    return model
 
-    1 at the first step and exactly 0 at the last one (``total_steps - 1``).
+
+def poly_factor(step: int, total_steps: int, power: float, horizon: int | None = None) -> float:
+    """The learning-rate factor of step ``step`` (0-based).
+
+    Without ``horizon``: ``(1 - step / (total - 1)) ** power``, 1 at the first step and
+    exactly 0 at the last one (``total_steps - 1``). With it: ``(1 - step / horizon) **
+    power``, the official scripts' ``LambdaLR`` (their horizon is the loaders' lengths times
+    the epochs, so the rate never reaches 0); 0 from ``horizon`` on.
     """
+    if horizon is not None:
+        return max(0.0, 1.0 - step / horizon) ** power
     if total_steps <= 1:
         return 1.0
     return max(0.0, 1.0 - min(step, total_steps - 1) / (total_steps - 1)) ** power
 
 
-def poly_schedule(optimizer: torch.optim.Optimizer, *, total_steps: int, power: float):
+def poly_schedule(
+    optimizer: torch.optim.Optimizer, *, total_steps: int, power: float, horizon: int | None = None
+):
     """Polynomial decay stepped once per training step (``scheduler.step()`` after each)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_factor(s, total_steps, power))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: poly_factor(s, total_steps, power, horizon))
 
 
 @functools.lru_cache(maxsize=16)
@@ -187,14 +258,16 @@ def evaluate(
     resolution: str = "input",
     num_workers: int | None = 0,
     loader: DataLoader | None = None,
+    precision: str = "fp32",
 ) -> Evaluation:
     """Every expression of ``dataset``: IoU of the argmax mask, and the split's metrics.
 
     ``resolution="input"`` compares at the model's input size against the ground truth
-    resized nearest (LAVT's protocol); ``"original"`` upsamples the logits (bilinear) to each
+    resized with PIL's nearest (LAVT's protocol); ``"original"`` upsamples the logits (bilinear) to each
     image's own size, as prediction does (:func:`semires.logits.foreground`), and compares
     with the full-resolution mask. ``loader``: batches of ``dataset`` from a loader made once
-    (:func:`eval_loader`) instead of a new one.
+    (:func:`eval_loader`) instead of a new one. ``precision``: ``"fp32"`` (the paper's) or
+    ``"bf16"`` (:func:`semires.logits.forward`).
     """
     if resolution not in ("input", "original"):
         raise ValueError(f"resolution must be 'input' or 'original', not {resolution!r}")
@@ -206,7 +279,7 @@ def evaluate(
     try:
         for batch in loader:
             b = to_device(batch, device)
-            logits = forward(model, b.image, b.input_ids, b.attention_mask)
+            logits = forward(model, b.image, b.input_ids, b.attention_mask, precision=precision)
             if resolution == "input":
                 inter, union = intersection_union(logits.argmax(1), b.mask.bool())
             else:
@@ -278,6 +351,7 @@ class Checkpoint:
     rng: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     teacher: dict[str, torch.Tensor] | None = None  # the EMA teacher of a teacher-student run
+    best: dict[str, Any] | None = None  # a "best on val" run's best so far (BestOnVal.state)
 
 
 def gather_objects(obj: Any) -> list[Any]:
@@ -305,10 +379,12 @@ def save_checkpoint(
     rng: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     teacher: nn.Module | None = None,
+    best: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint atomically. ``run_key`` names the run's inputs (data, params) so a
     resume from another run's checkpoint is refused; ``rng`` is e.g. ``{"ranks": [rng_state()]}``;
-    ``meta`` holds plain values only; ``teacher`` is a teacher-student run's EMA teacher."""
+    ``meta`` holds plain values only; ``teacher`` is a teacher-student run's EMA teacher;
+    ``best`` a "best on val" run's best weights so far (:meth:`BestOnVal.state`)."""
     obj: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -327,6 +403,8 @@ def save_checkpoint(
         obj["rng"] = rng
     if teacher is not None:
         obj["teacher"] = unwrap(teacher).state_dict()
+    if best is not None:
+        obj["best"] = best
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         try:
             torch.save(obj, f)
@@ -406,6 +484,7 @@ def load_checkpoint(
         rng=obj.get("rng"),
         meta=dict(obj.get("meta", {})),
         teacher=obj.get("teacher"),
+        best=obj.get("best"),
     )
 
 
@@ -531,6 +610,82 @@ class NonFiniteWatch:
         )
 
 
+# --- which weights a run keeps ---------------------------------------------------------
+
+KEEP = ("last", "best_val")
+
+
+class BestOnVal:
+    """The official selection: the weights of the evaluation with the best val oIoU (strictly
+    better than every earlier one), and how many evaluations since it (``stale``); with
+    ``patience`` the run stops once ``stale`` reaches it (the official teacher-student
+    scripts: 5 epochs). The weights are kept as CPU copies, by name (``"model"``,
+    ``"teacher"``), and travel in the scratch checkpoint so that a resumed run selects as an
+    unbroken one.
+    """
+
+    def __init__(self, patience: int | None = None) -> None:
+        self.patience = patience
+        self.step: int | None = None
+        self.oiou = -math.inf
+        self.metrics: dict[str, float] = {}
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}
+        self.stale = 0
+
+    def update(self, step: int, metrics: dict[str, float], networks: dict[str, nn.Module]) -> bool:
+        """Note an evaluation at ``step``; True (and the networks' weights copied) if it is the best."""
+        if metrics["oIoU"] > self.oiou:
+            self.step, self.oiou, self.metrics, self.stale = step, float(metrics["oIoU"]), dict(metrics), 0
+            self.weights = {
+                k: {n: t.detach().to("cpu", copy=True) for n, t in unwrap(m).state_dict().items()}
+                for k, m in networks.items()
+            }
+            return True
+        self.stale += 1
+        return False
+
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.stale >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "oIoU": self.oiou, "metrics": self.metrics, "stale": self.stale,
+                "weights": self.weights}  # fmt: skip
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.step, self.oiou, self.stale = state["step"], float(state["oIoU"]), int(state["stale"])
+            self.metrics, self.weights = dict(state["metrics"]), state["weights"]
+
+    def restore(self, networks: dict[str, nn.Module]) -> None:
+        """Load the best weights into ``networks`` (nothing if no evaluation was made)."""
+        for k, m in networks.items():
+            if k in self.weights:
+                unwrap(m).load_state_dict(self.weights[k])
+
+
+def keep_best(
+    best: BestOnVal | None, final: Evaluation | None, final_step: int, networks: dict[str, nn.Module]
+) -> tuple[Evaluation | None, int | None]:
+    """At the end of a run: with a best step, its weights into ``networks`` and its evaluation
+    (the per-expression results only if it is ``final``, made at ``final_step``); else
+    ``final`` as it is."""
+    if best is None or best.step is None:
+        return final, None
+    best.restore(networks)
+    if final is not None and best.step == final_step:
+        return final, best.step
+    return Evaluation([], dict(best.metrics)), best.step
+
+
+def stop_all(stop: bool) -> bool:
+    """Rank 0's decision, on every rank (``stop`` of the other ranks is ignored)."""
+    if not torch.distributed.is_initialized():
+        return stop
+    flag = [stop]
+    torch.distributed.broadcast_object_list(flag, src=0)
+    return bool(flag[0])
+
+
 # --- the supervised loop -------------------------------------------------------------------
 
 
@@ -541,7 +696,13 @@ class LoopConfig:
     lr: float = 5e-5
     weight_decay: float = 1e-2
     poly_power: float = 0.9
+    lr_horizon: int | None = None  # None: the poly decay reaches 0 at the last step (poly_factor)
     class_weights: tuple[float, float] = (0.9, 1.1)
+    no_decay: str = "norms"  # which parameters AdamW does not decay (param_groups)
+    bert_layers: int | None = None  # None: all of BERT trains; n: its first n encoder layers only
+    bert_dropout: bool = True  # BERT's dropout on while training (training_mode)
+    keep: str = "last"  # the weights a run ends with: last | best_val (BestOnVal)
+    patience: int | None = None  # best_val: stop after this many evaluations without a better one
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 50
@@ -555,7 +716,8 @@ class LoopResult:
     steps: int
     resumed_from: int
     seconds: float
-    final_eval: Evaluation | None
+    final_eval: Evaluation | None  # of the weights the run ends with (the best step's with best_val)
+    selected_step: int | None = None  # best_val: the step whose weights the model now holds
 
 
 MetricsHook = Callable[[int, dict[str, float]], None]
@@ -587,13 +749,19 @@ def train_supervised(
     info = dist_info or distributed.DistInfo(0, 1, 0, torch.device("cpu"))
     device, scratch = info.device, Path(scratch)
     torch.manual_seed(cfg.seed + info.rank)
-    model.to(device).train()
-    optimizer = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
+    model = distributed.sync_batchnorm(model, device)  # several CUDA processes: SyncBatchNorm, as LAVT
+    training_mode(model.to(device), cfg.bert_dropout)
+    optimizer = make_optimizer(
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=cfg.no_decay, bert_layers=cfg.bert_layers
+    )
+    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power, horizon=cfg.lr_horizon)
     start = 0
+    best = BestOnVal(cfg.patience) if cfg.keep == "best_val" else None
     if resume and scratch.is_file():
         ckpt = load_checkpoint(scratch, expect_fingerprint=spec.fingerprint(), expect_run_key=run_key)
         start = restore(ckpt, model, optimizer, scheduler, info, cfg.seed)
+        if best is not None:
+            best.load(ckpt.best)
     net = DistributedDataParallel(model) if info.world_size > 1 else model
     sampler = StepSampler(
         train_set,
@@ -624,6 +792,7 @@ def train_supervised(
             save_checkpoint(
                 scratch, spec=spec, model=model, step=step, run_key=run_key,
                 optimizer=optimizer, scheduler=scheduler, rng={"ranks": states},
+                best=best.state() if best is not None else None,
             )  # fmt: skip
 
     watch, saved = NonFiniteWatch(device), (start or None)
@@ -647,19 +816,33 @@ def train_supervised(
             on_metrics(step, {"train/loss": float(np.mean(losses)), "train/lr": lr})
             losses = []
         # evaluate
+        stop = False
         if at_eval:
             if info.is_main:
                 final = evaluate(model, val_set, device=device, loader=val_loader)
+                training_mode(model, cfg.bert_dropout)  # evaluate restores train() everywhere
+                if best is not None:
+                    best.update(step, final.metrics, {"model": model})
                 if on_metrics is not None:
                     on_metrics(step, {f"val/{k}": v for k, v in final.metrics.items() if k != "count"})
+            stop = best is not None and stop_all(best.exhausted())
             distributed.barrier()
         # save
         if at_save:
             save(step)
             saved = step
             distributed.barrier()
-        if step == end:
+        if step == end or stop:  # stop: no better val oIoU for cfg.patience evaluations
             break
     if final is None and val_set is not None and step == cfg.steps and info.is_main:
         final = evaluate(model, val_set, device=device, loader=val_loader)  # resumed when done
-    return LoopResult(steps=step, resumed_from=start, seconds=time.perf_counter() - t0, final_eval=final)
+        if best is not None:
+            best.update(step, final.metrics, {"model": model})
+    final, selected = keep_best(best, final, step, {"model": model}) if info.is_main else (final, None)
+    return LoopResult(
+        steps=step,
+        resumed_from=start,
+        seconds=time.perf_counter() - t0,
+        final_eval=final,
+        selected_step=selected,
+    )

@@ -19,7 +19,7 @@ from semires.atomic import atomic_path
 from semires.data import ExpressionDataset
 from semires.errors import SemiresError
 from semires.model.build import ModelConfig, ModelSpec, count_parameters, prepare, preset
-from semires.train import LoopConfig, save_checkpoint, train_supervised
+from semires.train import KEEP, NO_DECAY_RULES, LoopConfig, save_checkpoint, train_supervised
 from stages.common import (
     DEFAULT_PARAMS,
     AnnsOption,
@@ -95,7 +95,17 @@ class BurnInParams:
     lr: float = 5e-5
     weight_decay: float = 1e-2
     poly_power: float = 0.9
+    # null: the rate reaches 0 at the last step | n: lr * (1 - step / n) ** poly_power, the official
+    # LambdaLR (n = the loaders' lengths x epochs: never 0)
+    lr_horizon: int | None = None
     class_weights: tuple[float, float] = (0.9, 1.1)
+    no_decay: str = "official"  # official: backbone norms and position biases only | norms: every norm
+    bert_layers: int | None = 10  # BERT encoder layers that train (official: 0-9); null: all of BERT
+    bert_dropout: bool = False  # the official burn-in leaves BERT in eval mode (no dropout)
+    # the weights the stage writes: last (the last step's: nothing selected on val) | best_val (the
+    # evaluation with the best val oIoU, as the official scripts keep; the teacher's in train_semi)
+    keep: str = "last"
+    patience: int | None = None  # best_val: stop after this many evaluations without a better one
     log_every: int = 10
     eval_every: int = 2000  # 0: validate only at the end
     checkpoint_every: int = 500
@@ -139,12 +149,53 @@ class BurnInParams:
                 getattr(self, key),
                 "expected a positive step count",
             )
+        check_text_training("burn_in", self.no_decay, self.bert_layers)
+        check(
+            self.lr_horizon is None or self.lr_horizon >= self.steps,
+            "burn_in.lr_horizon",
+            self.lr_horizon,
+            f"expected null (decay to 0 at the last step) or a step count >= burn_in.steps ({self.steps})",
+        )
+        check_keep("burn_in", self.keep, self.patience)
         check(
             self.eval_every >= 0,
             "burn_in.eval_every",
             self.eval_every,
             "expected 0 (end only) or a step count",
         )
+
+
+def check_text_training(section_name: str, no_decay: str, bert_layers: int | None) -> None:
+    """The optimiser knobs burn_in and semi share: which parameters decay, which of BERT train."""
+    check(
+        no_decay in NO_DECAY_RULES,
+        f"{section_name}.no_decay",
+        no_decay,
+        "expected official (no decay on the backbone's norms and position biases only) or norms "
+        "(on every normalisation layer and position bias/embedding)",
+    )
+    check(
+        bert_layers is None or 0 <= bert_layers <= 1000,
+        f"{section_name}.bert_layers",
+        bert_layers,
+        "expected null (all of BERT trains) or how many of its first encoder layers train (official: 10)",
+    )
+
+
+def check_keep(section_name: str, keep: str, patience: int | None) -> None:
+    """Which weights a training stage writes (burn_in and semi alike)."""
+    check(
+        keep in KEEP,
+        f"{section_name}.keep",
+        keep,
+        "expected last (the last step's weights) or best_val (the best val oIoU's, as the official scripts)",
+    )
+    check(
+        patience is None or (patience >= 1 and keep == "best_val"),
+        f"{section_name}.patience",
+        patience,
+        "expected null, or with keep: best_val the evaluations without a better val oIoU before stopping",
+    )
 
 
 def model_config(p: ModelParams) -> ModelConfig:
@@ -316,6 +367,8 @@ def _train(info, split_path, out, live_dir, anns_path, scratch_root, resume, mp,
     live.end()
     val = result.final_eval.metrics if result.final_eval is not None else {}
     meta = {"stage": "burn_in", "percent": percent, "steps": result.steps, "labeled_refs": len(refs)}
+    if result.selected_step is not None:  # keep: best_val
+        meta["selected_step"] = result.selected_step
     meta.update({f"val/{k}": float(v) for k, v in val.items()})
     save_checkpoint(out, spec=spec, model=model, step=result.steps, run_key=key, meta=meta)
     with atomic_path(live_dir, directory=True) as tmp:

@@ -21,6 +21,7 @@ from semires.atomic import atomic_path, write_json
 from semires.data import ExpressionDataset
 from semires.errors import SemiresError
 from semires.inference import load_networks
+from semires.logits import PRECISIONS
 from semires.train import eval_loader
 from semires.train import evaluate as evaluate_model
 from stages.common import DEFAULT_PARAMS, AnnsOption, ParamsOption, log, stage_command
@@ -34,6 +35,7 @@ class EvaluateParams:
     batch_size: int = 16
     resolution: str = "input"  # input: at the model's input size (the paper's); original: image size
     splits: list[str] | None = None  # null: every split but train that the dataset has
+    precision: str = "fp32"  # fp32 (the paper's) | bf16 (autocast: faster on a GPU)
     num_workers: int | None = None  # DataLoader workers; null: auto (none on the CPU)
     image_cache_mb: int = 128  # decoded images kept per loading process
 
@@ -45,6 +47,12 @@ class EvaluateParams:
             "evaluate.resolution",
             self.resolution,
             "expected input (the paper's protocol) or original",
+        )
+        check(
+            self.precision in PRECISIONS,
+            "evaluate.precision",
+            self.precision,
+            "expected fp32 (the paper's) or bf16 (autocast, faster on a GPU)",
         )
         check(
             self.splits is None or (len(self.splits) > 0 and "train" not in self.splits),
@@ -163,8 +171,9 @@ def evaluate(
             )
             for net, model in networks.items():
                 ev = evaluate_model(
-                    model.network, data, device=model.device, resolution=ep.resolution, loader=loader
-                )
+                    model.network, data, device=model.device, resolution=ep.resolution, loader=loader,
+                    precision=ep.precision,
+                )  # fmt: skip
                 scores[net][split] = ev.metrics
                 for r in ev.results:
                     row = {
@@ -189,7 +198,7 @@ def evaluate(
     write_json(
         scores_path,
         {"model": name, "checkpoint": str(checkpoint), "step": first.step, "resolution": ep.resolution,
-         "networks": scores},
+         "precision": ep.precision, "networks": scores},
     )  # fmt: skip
     write_json(metrics_path, headline(scores, quality))
     log(

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from semires.errors import SemiresError
+from semires.errors import InvalidSetting, SemiresError
 
 T = TypeVar("T")
 INT64 = (-(2**63), 2**63 - 1)
@@ -136,6 +136,8 @@ def from_dict(cls: type[T], data: Any, prefix: str) -> T:
         obj = cls(**kwargs)  # its own checks first: they name a tighter range
     except TypeError as e:  # a key without default is missing
         raise ParamError(f"params.yaml: {prefix}: {e}") from e
+    except InvalidSetting as e:  # a library config used as a section checks its own values
+        _fail(f"{prefix}.{e.key}", e.value, e.expected)
     for k, v in kwargs.items():
         _check_int64(f"{prefix}.{k}", v)
     return obj

@@ -23,14 +23,15 @@ import typer
 
 from semires import annotations, distributed
 from semires.atomic import atomic_path, write_json
-from semires.data import ColourJitter, Compose, ExpressionDataset, HorizontalFlip
+from semires.data import ExpressionDataset, ViewConfig
 from semires.errors import SemiresError
 from semires.model.build import count_parameters
 from semires.proposals.store import ProposalStore
-from semires.refine import RefineConfig
+from semires.refine import METHOD_FIELDS, RefineConfig
+from semires.resize import NEAREST_RULES
 from semires.semi import SemiConfig, UnlabeledDataset, train_semi
 from semires.train import load_model, save_checkpoint, train_supervised
-from stages.burn_in import MAX_BATCH, MAX_STEPS, loop_config, read_labeled
+from stages.burn_in import MAX_BATCH, MAX_STEPS, check_keep, check_text_training, loop_config, read_labeled
 from stages.common import (
     DEFAULT_PARAMS,
     AnnsOption,
@@ -62,39 +63,16 @@ def parse_method(method: str) -> tuple[str, bool] | None:
 METHODS_HELP = "iom, iom_pwa, cpi, cpi_pwa, raw, raw_pwa or supervised (the fair control)"
 
 
-@dataclasses.dataclass(frozen=True)
-class RefineParams:
-    """semi.refine.*: the method's constants (the public code's values by default)."""
-
-    iou_thresh: float = 0.5
-    inside_thresh: float = 0.7
-    cover_thresh: float = 0.7
-    pwa_offset: float = 1.3
-    pwa_mean: float = 0.5
-    pwa_var: float = 0.1
-
-    def __post_init__(self) -> None:
-        for key in ("iou_thresh", "inside_thresh", "cover_thresh"):
-            v = getattr(self, key)
-            check(0 <= v < 1, f"semi.refine.{key}", v, "expected a threshold in [0, 1)")
-        check(self.pwa_var > 0, "semi.refine.pwa_var", self.pwa_var, "expected a positive variance, e.g. 0.1")
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentParams:
-    """semi.augment.*: the weak view's flip and the strong view's colour jitter."""
-
-    flip: bool = True  # also swaps left/right in the sentence
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.0  # the public code's 0.25 would turn "the red circle" green
-
-    def __post_init__(self) -> None:
-        for key in ("brightness", "contrast", "saturation"):
-            v = getattr(self, key)
-            check(0 <= v < 1, f"semi.augment.{key}", v, "expected a strength in [0, 1)")
-        check(0 <= self.hue <= 0.5, "semi.augment.hue", self.hue, "expected a hue shift in [0, 0.5]")
+# semi.refine.*: RefineConfig's constants (the method's name sets its strategy and PWA), each
+# field, default and check defined once, in semires.refine
+RefineParams = dataclasses.make_dataclass(
+    "RefineParams",
+    [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(RefineConfig)
+     if f.name not in METHOD_FIELDS],
+    frozen=True,
+    namespace={"__post_init__": lambda self: RefineConfig(**dataclasses.asdict(self))},
+)  # fmt: skip
+AugmentParams = ViewConfig  # semi.augment.*: the views, defined in semires.data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +87,25 @@ class SemiParams:
     lr: float = 5e-5
     weight_decay: float = 1e-2
     poly_power: float = 0.9
+    # null: the rate reaches 0 at the last step | n: lr * (1 - step / n) ** poly_power, the official
+    # LambdaLR (n = the loaders' lengths x epochs: never 0)
+    lr_horizon: int | None = None
     class_weights: tuple[float, float] = (0.9, 1.1)
+    no_decay: str = "official"  # official: backbone norms and position biases only | norms: every norm
+    bert_layers: int | None = 10  # BERT encoder layers that train (official: 0-9); null: all of BERT
+    bert_dropout: bool = True  # the official student's BERT trains with dropout (train mode)
+    # the weights the stage writes: last (the last step's: nothing selected on val) | best_val (the
+    # evaluation with the best val oIoU, as the official scripts keep; the teacher's in train_semi)
+    keep: str = "last"
+    patience: int | None = None  # best_val: stop after this many evaluations without a better one
+    sup_weight: float = 1.0  # the supervised term's factor; the public IOM script's is 10, its CPI one's 1
     unsup_weight: float = 1.0  # lambda
     ema_rate: float = 0.9996  # per step
     refine: RefineParams = dataclasses.field(default_factory=RefineParams)
     augment: AugmentParams = dataclasses.field(default_factory=AugmentParams)
+    # how proposals are resized to the input size: pil (PIL's NEAREST, as the ground truth:
+    # lined up with the image) | torch (F.interpolate's nearest, as the official code)
+    proposal_resize: str = "pil"
     quality_samples: int = 256  # unlabeled expressions scored for pseudo-label quality
     log_every: int = 10
     eval_every: int = 2000
@@ -156,8 +148,23 @@ class SemiParams:
             list(self.class_weights),
             "expected two positive weights [background, object]",
         )
+        check_text_training("semi", self.no_decay, self.bert_layers)
+        check(
+            self.lr_horizon is None or self.lr_horizon >= self.steps,
+            "semi.lr_horizon",
+            self.lr_horizon,
+            f"expected null (decay to 0 at the last step) or a step count >= semi.steps ({self.steps})",
+        )
+        check_keep("semi", self.keep, self.patience)
+        check(self.sup_weight > 0, "semi.sup_weight", self.sup_weight, "expected a positive factor, e.g. 1")
         check(self.unsup_weight >= 0, "semi.unsup_weight", self.unsup_weight, "expected lambda >= 0")
         check(0 <= self.ema_rate <= 1, "semi.ema_rate", self.ema_rate, "expected a rate in [0, 1]")
+        check(
+            self.proposal_resize in NEAREST_RULES,
+            "semi.proposal_resize",
+            self.proposal_resize,
+            "expected pil (as the ground truth) or torch (F.interpolate, as the official code)",
+        )
         check(self.quality_samples >= 0, "semi.quality_samples", self.quality_samples, "expected >= 0")
         check(self.eval_every >= 0, "semi.eval_every", self.eval_every, "expected 0 (end only) or steps")
 
@@ -310,21 +317,20 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
         )  # fmt: skip
     else:
         rcfg = sp.refine_config(method)
-        aug = sp.augment
-        geometric = Compose([HorizontalFlip()]) if aug.flip else None
-        photometric = ColourJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)
+        geometric, photometric = sp.augment.views()
         unl_set = UnlabeledDataset(
             unl_refs, dp.image_dir, tok, store, image_size=size, max_tokens=tokens,
-            geometric=geometric, photometric=photometric, cache_mb=cache,
+            geometric=geometric, photometric=photometric, cache_mb=cache, proposal_rule=sp.proposal_resize,
         )  # fmt: skip
         quality_set = UnlabeledDataset(
-            unl_refs, dp.image_dir, tok, unl_set.store, image_size=size, max_tokens=tokens, cache_mb=cache
-        )
+            unl_refs, dp.image_dir, tok, unl_set.store, image_size=size, max_tokens=tokens, cache_mb=cache,
+            proposal_rule=sp.proposal_resize,
+        )  # fmt: skip
         n = len(quality_set)
         picks = sorted(random.Random(sp.seed).sample(range(n), min(n, sp.quality_samples)))
         cfg = loop_config(
             sp, SemiConfig, unlabeled_batch_size=sp.unlabeled_batch_size, refine=rcfg,
-            unsup_weight=sp.unsup_weight, ema_rate=sp.ema_rate,
+            sup_weight=sp.sup_weight, unsup_weight=sp.unsup_weight, ema_rate=sp.ema_rate,
         )  # fmt: skip
         result = train_semi(
             model, spec, labeled_set, unl_set, val_set, cfg, scratch=ckpt_path, run_key=key,
@@ -353,6 +359,8 @@ def _train(info, split_path, burn_in_path, method, out, live_dir, quality_path, 
         "unlabeled_refs": len(unl_refs),
         "burn_in_step": ckpt.step,
     }
+    if result.selected_step is not None:  # keep: best_val (val/* are then the teacher's)
+        meta["selected_step"] = result.selected_step
     meta.update({f"val/{k}": float(v) for k, v in val.items()})
     save_checkpoint(out, spec=spec, model=model, step=result.steps, run_key=key, meta=meta, teacher=teacher)
     write_json(quality_path, {f"{method}/{percent:g}": quality})

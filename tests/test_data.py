@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -11,14 +17,13 @@ from semires.data import (
     ColourJitter,
     Compose,
     ExpressionDataset,
+    GaussianBlur,
     HorizontalFlip,
     ImageCache,
     Sample,
     StepSampler,
     View,
     make_loader,
-    resize_mask,
-    resize_mask_np,
     swap_left_right,
 )
 from semires.errors import SemiresError
@@ -62,14 +67,15 @@ def test_sample_fields_and_collation(synth):
     assert isinstance(batch, Sample) and batch.image.shape == (3, 3, 32, 32) and len(batch.sentence) == 3
 
 
-def test_mask_is_resized_nearest_from_the_ref(synth):
+def test_mask_is_resized_as_pils_nearest_from_the_ref(synth):
+    from PIL import Image
+
     ds = make(synth)
     ref = ds.refs[0]
-    full = torch.from_numpy(ref.decode_mask())
-    rows = (torch.arange(32) * ref.height / 32).floor().long()  # nearest: floor(dst * scale)
-    cols = (torch.arange(32) * ref.width / 32).floor().long()
-    assert torch.equal(ds[0].mask.bool(), full[rows][:, cols])
-    assert torch.equal(ds.full_mask(0), full)
+    full = ref.decode_mask()
+    want = np.asarray(Image.fromarray(full.view(np.uint8)).resize((32, 32), Image.NEAREST))
+    assert torch.equal(ds[0].mask, torch.from_numpy(want.astype(np.int64)))
+    assert torch.equal(ds.full_mask(0), torch.from_numpy(full))
 
 
 def test_step_sampler_is_a_function_of_seed_and_step(synth):
@@ -107,6 +113,48 @@ def test_no_labeled_refs_is_a_clear_error(synth):
         StepSampler(ds, batch_size=2, total_steps=2, seed=0)
 
 
+@pytest.mark.parametrize(
+    ("sentence", "flipped"),
+    [
+        ("Left guy", "Right guy"),
+        ("guy on the left.", "guy on the right."),
+        ("far left, kid", "far right, kid"),
+        ("LEFTMOST zebra", "RIGHTMOST zebra"),
+        ("left-most  bowl;right-most cup", "right-most  bowl;left-most cup"),
+        ("bottomright corner, farleft guy", "bottomleft corner, farright guy"),
+        ("bright shirt on the right", "bright shirt on the left"),  # bright is no side
+        ("upright piano leftover cake left", "upright piano leftover cake right"),
+    ],
+)
+def test_flip_rewrites_sides_in_real_sentences(sentence, flipped):
+    assert swap_left_right(sentence) == flipped and swap_left_right(flipped) == sentence
+
+
+def test_flip_on_every_sentence_of_the_refcoco_split_file():
+    """Every distinct sentence of the SemiRES RefCOCO 1 % file: flipping twice gives it back,
+    and no side survives a flip: each word's "left"s become "right"s and back, but for the
+    two words of the file where the letters mean no side."""
+    path = Path(__file__).parent / "data" / "refcoco_1pct_sentences.json.gz"
+    sentences = json.loads(gzip.decompress(path.read_bytes()))["sentences"]
+    assert len(sentences) == 15222
+    sided = 0
+    for s in sentences:
+        f = swap_left_right(s)
+        assert swap_left_right(f) == s, s
+        words, flipped = re.findall(r"[A-Za-z]+|[^A-Za-z]+", s), re.findall(r"[A-Za-z]+|[^A-Za-z]+", f)
+        assert len(words) == len(flipped), s
+        for w, v in zip(words, flipped, strict=True):
+            lw, lv = w.lower(), v.lower()
+            if lw in ("bright", "upright") or ("left" not in lw and "right" not in lw):
+                assert v == w, (s, w)
+            else:
+                assert lv == "".join(
+                    {"left": "right", "right": "left"}.get(p, p) for p in re.split(r"(left|right)", lw)
+                )
+                sided += 1
+    assert sided > 6000  # about half the sentences name a side
+
+
 def test_flip_swaps_left_and_right_and_moves_masks_with_the_image():
     assert swap_left_right("the shape left of the leftmost circle on the right") == (
         "the shape right of the rightmost circle on the left"
@@ -121,7 +169,7 @@ def test_flip_swaps_left_and_right_and_moves_masks_with_the_image():
 
 
 def test_augmentation_is_seeded_by_the_sampler_key(synth):
-    ds = make(synth, transform=Compose([HorizontalFlip(0.5), ColourJitter()]))
+    ds = make(synth, transform=Compose([HorizontalFlip(0.5), ColourJitter(0.4, 0.4, 0.4)]))
     a, b = ds[(0, 123)], ds[(0, 123)]
     assert torch.equal(a.image, b.image) and a.sentence == b.sentence
     images = {tuple(ds[(0, s)].image.flatten()[:5].tolist()) for s in range(5)}
@@ -133,15 +181,6 @@ def test_missing_image_names_the_file(synth, tmp_path):
     ds = ExpressionDataset(anns.refs, tmp_path, tok, image_size=32, max_tokens=12)
     with pytest.raises(SemiresError, match=r"image not found; check dataset.image_dir"):
         ds[0]
-
-
-@pytest.mark.parametrize(("h", "w"), [(480, 640), (427, 640), (64, 96), (7, 300), (33, 33)])
-@pytest.mark.parametrize("size", [32, 64, 480])
-def test_mask_picked_by_index_equals_interpolate_nearest(h, w, size):
-    mask = torch.rand(h, w, generator=torch.Generator().manual_seed(h + w)) > 0.5
-    want = resize_mask(mask.to(torch.uint8), size)
-    got = resize_mask_np(mask.numpy().view("uint8"), size)
-    assert torch.equal(torch.from_numpy(got), want)
 
 
 def test_image_cache_keeps_at_most_its_budget_least_recently_used_out():
@@ -166,7 +205,7 @@ def test_items_are_the_same_with_or_without_the_image_cache(synth):
 
 
 def test_loader_workers_give_the_batches_of_the_main_process(synth):
-    ds = make(synth, transform=Compose([HorizontalFlip(0.5), ColourJitter()]))
+    ds = make(synth, transform=Compose([HorizontalFlip(0.5), ColourJitter(0.4, 0.4, 0.4)]))
 
     def batches(workers):
         sampler = StepSampler(ds, batch_size=3, total_steps=4, seed=7)
@@ -177,3 +216,70 @@ def test_loader_workers_give_the_batches_of_the_main_process(synth):
 
     for a, b in zip(batches(0), batches(2), strict=True):
         assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask) and a.sentence == b.sentence
+
+
+def _rgb_view(seed: int, h: int = 21, w: int = 27) -> View:
+    rgb = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return View(image=rgb.float() / 255)
+
+
+@pytest.mark.parametrize("sigma", [(1.0, 1.0), (0.1, 2.0)])
+def test_blur_is_pils_gaussian_blur_of_the_uint8_image(sigma):
+    from PIL import Image, ImageFilter
+
+    view = _rgb_view(1)
+    for seed in range(4):
+        out = GaussianBlur(p=1.0, sigma=sigma)(view, torch.Generator().manual_seed(seed))
+        draws = torch.rand(2, generator=torch.Generator().manual_seed(seed))  # p, then the radius
+        radius = sigma[0] + (sigma[1] - sigma[0]) * draws[1].item()
+        pixels = (view.image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        want = np.array(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=radius)))
+        assert torch.equal(out.image, torch.from_numpy(want).permute(2, 0, 1).float() / 255)
+    assert GaussianBlur(0.0, (1.0, 1.0))(view, torch.Generator().manual_seed(0)) is view
+
+
+def test_blur_and_jitter_apply_with_their_probability():
+    view = _rgb_view(0)
+    blurred = sum(
+        GaussianBlur(0.5, (1.0, 1.0))(view, torch.Generator().manual_seed(s)) is not view for s in range(200)
+    )
+    jittered = sum(
+        ColourJitter(0.4, 0.4, 0.4, p=0.5).draw(torch.Generator().manual_seed(s)) is not None
+        for s in range(200)
+    )
+    assert 70 < blurred < 130 and 70 < jittered < 130
+    assert all(
+        ColourJitter(0.4, 0.4, 0.4).draw(torch.Generator().manual_seed(s)) is not None for s in range(50)
+    )
+
+
+def test_jitter_draws_torchvisions_ranges_and_order():
+    jit = ColourJitter(0.25, 0.25, 0.25, 0.25, random_order=True)
+    orders = set()
+    for s in range(300):
+        order, f = jit.draw(torch.Generator().manual_seed(s))
+        orders.add(tuple(order))
+        assert sorted(order) == [0, 1, 2, 3]
+        assert all(0.75 <= x <= 1.25 for x in f[:3]) and -0.25 <= f[3] <= 0.25
+    assert len(orders) == 24  # every order of the four adjustments
+    fixed = ColourJitter(0.25, 0.25, 0.25, 0.25)
+    assert {tuple(fixed.draw(torch.Generator().manual_seed(s))[0]) for s in range(20)} == {(0, 1, 2, 3)}
+
+
+def test_jitter_applies_the_adjustments_as_torchvisions_color_jitter():
+    """A transcription of torchvision's ColorJitter.forward, given its drawn order and factors."""
+    from torchvision.transforms import functional as TF1
+
+    img = _rgb_view(3).image
+    for order, f in (([2, 0, 3, 1], [0.8, 1.2, 0.9, 0.1]), ([0, 1, 2, 3], [1.1, 0.76, 1.24, -0.2])):
+        want = img
+        for fn_id in order:
+            if fn_id == 0:
+                want = TF1.adjust_brightness(want, f[0])
+            elif fn_id == 1:
+                want = TF1.adjust_contrast(want, f[1])
+            elif fn_id == 2:
+                want = TF1.adjust_saturation(want, f[2])
+            else:
+                want = TF1.adjust_hue(want, f[3])
+        torch.testing.assert_close(ColourJitter.apply(img, order, f), want)

@@ -419,3 +419,22 @@ def test_a_deleted_shard_is_an_error_not_empty_masks(tmp_path, proposals_images)
     (path / "masks/c/0/0").unlink()  # images 3 and 5
     with pytest.raises(SemiresError, match=r"damaged proposals store \(masks/c/0/0: shard file missing\)"):
         ProposalStore(path)
+
+
+def test_proposals_resized_by_pils_rule_equal_pils_nearest_resize(tmp_path, proposals_images):
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    images = dict(proposals_images)
+    images[13] = Proposals.from_masks(rng.random((3, 29, 37)) > 0.5, predicted_iou=rng.random(3))  # noise
+    path = tmp_path / "p.zarr"
+    _write_store(path, images, shard_images=2)
+    s = ProposalStore(path)
+    for i, p in images.items():
+        for h, w in ((16, 16), (64, 40), (9, 13)):
+            want = np.stack(
+                [np.asarray(Image.fromarray(m.view(np.uint8)).resize((w, h), Image.NEAREST)) for m in p.masks]
+            ).astype(bool) if len(p) else np.zeros((0, h, w), bool)  # fmt: skip
+            assert np.array_equal(s.masks(i, size=(h, w), rule="pil").numpy(), want), (i, h, w)
+            packed = np.packbits(want[..., ::-1], axis=-1, bitorder="little")
+            assert np.array_equal(s.packed_masks(i, (h, w), mirror=True, rule="pil"), packed), (i, h, w)

@@ -28,6 +28,7 @@ from semires.semi import (
     UnlabeledDataset,
     collate_unlabeled,
     laid_out,
+    pixel_mean_loss,
     pseudo_label_quality,
     semi_step,
     train_semi,
@@ -36,7 +37,7 @@ from semires.semi import (
 )
 from semires.split import random_split
 from semires.synth import SynthOptions, write_dataset
-from semires.train import ExpressionDataset, load_checkpoint, make_optimizer, poly_schedule
+from semires.train import ExpressionDataset, evaluate, load_checkpoint, make_optimizer, poly_schedule
 from stages.cli import app
 
 SIZE = 64
@@ -45,9 +46,12 @@ CW = (0.9, 1.1)
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
+    return make_project(tmp_path_factory.mktemp("semi"))
+
+
+def make_project(root):
     """A synthetic set, its annotation file, a 25 % split and a proposals store made of every
     annotated object's mask of each image plus one empty-handed image (no proposals)."""
-    root = tmp_path_factory.mktemp("semi")
     write_dataset(root / "refer", SynthOptions(num_images=16, seed=11))
     anns = read_refer(root / "refer", "synthref", "unc")
     annotations.save(root / "anns.json", anns)
@@ -106,35 +110,75 @@ def _refined(labels, weights, matched) -> Refined:
     return Refined(labels=labels, weights=weights, matched=matched, raw=labels)
 
 
-def test_unsupervised_loss_of_matched_samples_is_class_weighted_cross_entropy():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 2, 5, 5)
-    labels = torch.randint(0, 2, (3, 5, 5))
-    r = _refined(labels, torch.rand(3, 5, 5), torch.tensor([True, True, True]))
-    want = F.cross_entropy(logits, labels, weight=torch.tensor(CW))
-    assert torch.allclose(unsupervised_loss(logits, r, CW), want)
+def official_loss(stu_l, target_l, stu_u, pseudo, pwa_weight, matched, *, unsup_lambda=1.0, sup_factor=1.0):
+    """A plain transcription of how the public teacher-student scripts add up their loss
+    (criterion, WeightedCrossEntropyLoss, the two index lists, the halving, IOM's x10)."""
+
+    def criterion(inp, tgt):
+        return nn.CrossEntropyLoss(weight=torch.tensor(CW), reduction="none")(inp, tgt).mean()
+
+    def weighted_ce_loss(inp, tgt, weight):
+        return torch.mean(F.cross_entropy(inp, tgt, reduction="none") * weight)
+
+    sup_loss = criterion(stu_l, target_l)
+    batch_valid_idx = [b for b in range(len(matched)) if not matched[b]]  # no proposal matched
+    wo_weight_idx = list(set(range(len(matched))) - set(batch_valid_idx))
+    unsup_sam_loss = 0 if not wo_weight_idx else criterion(stu_u[wo_weight_idx], pseudo[wo_weight_idx])
+    unsup_ori_loss = (
+        0
+        if not batch_valid_idx
+        else weighted_ce_loss(stu_u[batch_valid_idx], pseudo[batch_valid_idx], pwa_weight[batch_valid_idx])
+    )
+    unsup_loss = unsup_ori_loss + unsup_sam_loss
+    if wo_weight_idx and batch_valid_idx:
+        unsup_loss = unsup_loss / 2.0
+    sup_loss = sup_loss * sup_factor
+    return sup_loss + unsup_lambda * unsup_loss
 
 
-def test_unsupervised_loss_of_unmatched_samples_is_the_mean_of_weighted_terms():
-    torch.manual_seed(1)
-    logits = torch.randn(2, 2, 4, 4)
-    labels = torch.randint(0, 2, (2, 4, 4))
-    w = torch.rand(2, 4, 4)
-    r = _refined(labels, w, torch.tensor([False, False]))
-    per = F.cross_entropy(logits, labels, weight=torch.tensor(CW), reduction="none")
-    assert torch.allclose(unsupervised_loss(logits, r, CW), (per * w).mean())
+@pytest.mark.parametrize(
+    "matched",
+    [[True, True, True], [False, False, False], [True, False, True], [False, True, False]],
+)
+@pytest.mark.parametrize(("sup_weight", "unsup_weight"), [(1.0, 1.0), (10.0, 0.5)])
+def test_the_step_loss_adds_up_as_the_public_scripts(matched, sup_weight, unsup_weight):
+    torch.manual_seed(len(matched) + sum(matched))
+    stu_l, stu_u = torch.randn(2, 2, 5, 7), torch.randn(3, 2, 5, 7)
+    target = torch.randint(0, 2, (2, 5, 7))
+    pseudo = torch.randint(0, 2, (3, 5, 7))
+    w = torch.rand(3, 5, 7) + 0.1
+    m = torch.tensor(matched)
+    r = _refined(pseudo, torch.where(m[:, None, None], torch.ones_like(w), w), m)
+    got = sup_weight * pixel_mean_loss(stu_l, target, CW) + unsup_weight * unsupervised_loss(stu_u, r, CW)
+    want = official_loss(
+        stu_l, target, stu_u, pseudo, w, matched, unsup_lambda=unsup_weight, sup_factor=sup_weight
+    )
+    torch.testing.assert_close(got, want)
 
 
-def test_unsupervised_loss_averages_the_groups_present():
-    torch.manual_seed(2)
-    logits = torch.randn(3, 2, 4, 4)
-    labels = torch.randint(0, 2, (3, 4, 4))
-    w = torch.rand(3, 4, 4)
-    r = _refined(labels, w, torch.tensor([True, False, True]))
-    m = F.cross_entropy(logits[[0, 2]], labels[[0, 2]], weight=torch.tensor(CW))
-    per = F.cross_entropy(logits[1:2], labels[1:2], weight=torch.tensor(CW), reduction="none")
-    u = (per * w[1:2]).mean()
-    assert torch.allclose(unsupervised_loss(logits, r, CW), (m + u) / 2)
+def test_the_matched_group_is_one_mean_over_its_pixels_not_a_mean_of_sample_means():
+    logits = torch.zeros(2, 2, 2, 2)
+    logits[0, 1] = 3.0  # sample 0 confidently object, labelled object: small loss
+    labels = torch.ones(2, 2, 2, dtype=torch.int64)
+    labels[1, 0] = 0  # sample 1 half background (weight 0.9), half object (1.1), logits 0: ln 2
+    r = _refined(labels, torch.ones(2, 2, 2), torch.tensor([True, True]))
+    small = 1.1 * F.softplus(torch.tensor(-3.0))
+    want = (4 * small + 2 * 0.9 * np.log(2) + 2 * 1.1 * np.log(2)) / 8
+    torch.testing.assert_close(unsupervised_loss(logits, r, CW), want.float())
+    assert not torch.allclose(  # PyTorch's weight-normalised mean is another number
+        unsupervised_loss(logits, r, CW), F.cross_entropy(logits, labels, weight=torch.tensor(CW))
+    )
+
+
+def test_without_pwa_unmatched_samples_take_the_class_weighted_loss():
+    torch.manual_seed(3)
+    logits, labels = torch.randn(2, 2, 4, 4), torch.randint(0, 2, (2, 4, 4))
+    r = _refined(labels, torch.ones(2, 4, 4), torch.tensor([False, False]))
+    torch.testing.assert_close(
+        unsupervised_loss(logits, r, CW, pwa=False), pixel_mean_loss(logits, labels, CW)
+    )
+    plain = F.cross_entropy(logits, labels, reduction="none").mean()  # with PWA: no class weights
+    torch.testing.assert_close(unsupervised_loss(logits, r, CW), plain)
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -158,12 +202,13 @@ def test_weak_and_strong_views_share_the_geometry_of_their_proposals(project):
     assert any(torch.equal(p.to(torch.uint8), b.gt) for p in unpack_bits(laid_out(b), SIZE))
 
 
-def test_proposals_are_the_stores_masks_resized_nearest(project):
+@pytest.mark.parametrize("rule", ["pil", "torch"])
+def test_proposals_are_the_stores_masks_resized_nearest(project, rule):
     _, anns, _, _ = project
     spec, _ = tiny(anns)
-    ds = unlabeled(project, spec)
+    ds = unlabeled(project, spec, proposal_rule=rule)
     item = ds[0]
-    want = ds.store.masks(item.image_id, size=(SIZE, SIZE))
+    want = ds.store.masks(item.image_id, size=(SIZE, SIZE), rule=rule)
     # the nonempty rows only travel, bit-packed, each with its place among the N x S rows
     assert item.proposals.dtype == torch.uint8 and item.proposals.shape[1] == SIZE // 8
     assert len(item.proposals) == int(want.any(-1).sum()) == len(item.proposal_rows)
@@ -211,8 +256,10 @@ def test_semi_step_moves_the_teacher_by_ema_of_the_updated_student(project):
     unl = collate_unlabeled([unlabeled(project, spec)[k] for k in range(3)])
     opt = make_optimizer(student, lr=1e-3, weight_decay=0.01)
     sched = poly_schedule(opt, total_steps=4, power=0.9)
-    stats = semi_step(student, teacher, lab, unl, opt, sched, cfg=_cfg(), device=torch.device("cpu"))
+    cfg = _cfg(sup_weight=10.0, unsup_weight=0.5)
+    stats = semi_step(student, teacher, lab, unl, opt, sched, cfg=cfg, device=torch.device("cpu"))
     assert set(stats) == {"loss", "sup", "unsup", "matched", "raw_iou", "refined_iou"}
+    torch.testing.assert_close(stats["loss"], 10.0 * stats["sup"] + 0.5 * stats["unsup"])
     assert all(torch.isfinite(v) for v in stats.values())
     after = student.state_dict()
     for k, t in teacher.state_dict().items():
@@ -233,7 +280,7 @@ def test_resume_continues_a_killed_teacher_student_run_exactly(
         logs = []
         res = train_semi(
             model, spec, labeled(project, spec),
-            unlabeled(project, spec, geometric=HorizontalFlip(), photometric=ColourJitter()),
+            unlabeled(project, spec, geometric=HorizontalFlip(), photometric=ColourJitter(0.4, 0.4, 0.4)),
             None, _cfg(checkpoint_every=100, num_workers=workers), scratch=scratch, run_key="k",
             on_metrics=lambda s, m: logs.append((s, m.get("train/loss"))), **kw,
         )  # fmt: skip
@@ -249,6 +296,29 @@ def test_resume_continues_a_killed_teacher_student_run_exactly(
         assert torch.equal(x, y), k
     for (k, x), y in zip(a.teacher.state_dict().items(), b.teacher.state_dict().values(), strict=True):
         assert torch.equal(x, y), k
+
+
+def test_keep_best_val_selects_on_the_teachers_val_oiou(project):
+    _, anns, _, _ = project
+    spec, model = tiny(anns)
+    val = torch.utils.data.Subset(labeled(project, spec), range(4))  # labeled expressions serve as val
+    seen = {}
+
+    def hook(step, metrics):
+        if "val_teacher/oIoU" in metrics:
+            seen[step] = metrics["val_teacher/oIoU"]
+
+    res = train_semi(
+        model, spec, labeled(project, spec), unlabeled(project, spec), val,
+        _cfg(eval_every=1, keep="best_val", patience=2), scratch=project[0] / "best.pt", run_key="k",
+        on_metrics=hook,
+    )  # fmt: skip
+    scores = [seen[s] for s in sorted(seen)]
+    best = 1 + scores.index(max(scores))
+    assert res.selected_step == best and res.final_eval.metrics["oIoU"] == max(scores)
+    assert res.steps == min(4, best + 2)  # patience 2: two evaluations without a better one end it
+    again = evaluate(res.teacher, val, device=torch.device("cpu"))
+    assert again.metrics["oIoU"] == max(scores)  # the teacher holds the selected step's weights
 
 
 class _Everything(nn.Module):

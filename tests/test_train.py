@@ -191,3 +191,53 @@ def test_resume_continues_a_killed_run_exactly(synth, tmp_path):
     assert logs_b == logs_a[3:]
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_best_on_val_keeps_the_best_evaluation_and_stops_after_its_patience():
+    from semires.train import BestOnVal
+
+    net = torch.nn.Linear(2, 1)
+    best = BestOnVal(patience=2)
+    for step, oiou in enumerate([10.0, 12.0, 12.0, 11.0], start=1):  # equal is not better
+        with torch.no_grad():
+            net.weight.fill_(step)
+        best.update(step, {"oIoU": oiou}, {"model": net})
+    assert best.step == 2 and best.stale == 2 and best.exhausted()
+    copy = BestOnVal(patience=2)
+    copy.load(best.state())  # as a resumed run reads it from the scratch checkpoint
+    copy.restore({"model": net})
+    assert copy.step == 2 and torch.all(net.weight == 2)
+    assert not BestOnVal(patience=None).exhausted()
+
+
+def test_keep_best_val_writes_the_best_steps_weights_and_resumes_to_them(synth, tmp_path):
+    anns, image_dir = synth
+    train, val = anns.in_split("train"), anns.in_split("val")
+    cfg = LoopConfig(steps=6, batch_size=2, lr=3e-3, eval_every=1, checkpoint_every=100, log_every=1,
+                     keep="best_val")  # fmt: skip
+
+    def run(scratch, **kw):
+        spec, model = tiny_model(anns, dropout=0.0, seed=kw.pop("seed", 0))
+        seen = {}
+
+        def hook(step, metrics):
+            if "val/oIoU" in metrics:
+                seen[step] = (metrics["val/oIoU"], {k: v.clone() for k, v in model.state_dict().items()})
+
+        res = train_supervised(
+            model, spec, dataset(spec, train, image_dir), dataset(spec, val, image_dir), cfg, scratch=scratch,
+            run_key="k", on_metrics=hook, **kw,
+        )  # fmt: skip
+        return model, res, seen
+
+    model, res, seen = run(tmp_path / "a.pt")
+    scores = [seen[s][0] for s in sorted(seen)]
+    assert res.steps == 6 and res.selected_step == 1 + scores.index(max(scores))
+    assert res.final_eval.metrics["oIoU"] == max(scores)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, seen[res.selected_step][1][k]), k
+    run(tmp_path / "b.pt", stop_after=3)
+    resumed, res_b, _ = run(tmp_path / "b.pt", resume=True, seed=9)
+    assert res_b.selected_step == res.selected_step
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k

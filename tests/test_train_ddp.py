@@ -60,3 +60,55 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
             torch.testing.assert_close(a[k], b[k], msg=k)
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt.step == 3 and len(ckpt.rng["ranks"]) == 2  # each rank's RNG, for an exact resume
+
+
+def _semi_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    """An unbroken teacher-student run of 4 steps, and one killed after 2 and resumed."""
+    from pathlib import Path
+
+    from semires.data import ColourJitter, HorizontalFlip
+    from semires.semi import train_semi
+
+    from .test_semi import _cfg, labeled, tiny, unlabeled
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    info = distributed.init(prefer_cuda=False)
+    try:
+        anns = read_refer(f"{root}/refer", "synthref", "unc")
+        project = (Path(root), anns, Path(root) / "proposals.zarr", None)
+
+        def run(scratch, seed=0, **kw):
+            spec, model = tiny(anns, seed=seed)  # the same weights on every rank
+            unl = unlabeled(
+                project, spec, geometric=HorizontalFlip(), photometric=ColourJitter(0.4, 0.4, 0.4)
+            )
+            res = train_semi(
+                model, spec, labeled(project, spec), unl, None, _cfg(checkpoint_every=100), scratch=scratch,
+                run_key="k", dist_info=info, **kw,
+            )  # fmt: skip
+            return model, res.teacher
+
+        student, teacher = run(f"{out}/a.pt")
+        torch.save({"student": student.state_dict(), "teacher": teacher.state_dict()}, f"{out}/a{rank}.pt")
+        run(f"{out}/b.pt", stop_after=2)
+        student, teacher = run(f"{out}/b.pt", seed=9, resume=True)  # all state from disk
+        torch.save({"student": student.state_dict(), "teacher": teacher.state_dict()}, f"{out}/b{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def test_two_process_teacher_is_the_same_on_every_rank_and_resumes_exactly(tmp_path):
+    from .test_semi import make_project
+
+    make_project(tmp_path)
+    mp.spawn(_semi_worker, args=(2, _free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    runs = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("a0", "a1", "b0", "b1")}
+    buffers = [k for k in runs["a0"]["teacher"] if "running" in k]
+    assert buffers  # the decoder's BatchNorm statistics, which each rank updates from its own share
+    for name in ("a1", "b0", "b1"):  # every rank's teacher, unbroken or resumed, is rank 0's unbroken one
+        for k, v in runs["a0"]["teacher"].items():
+            assert torch.equal(v, runs[name]["teacher"][k]), (name, k)
+    for k, v in runs["a0"]["student"].items():
+        assert torch.equal(v, runs["b0"]["student"][k]), k  # rank 0 resumed to the unbroken student

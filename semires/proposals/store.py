@@ -76,11 +76,12 @@ from typing import Any
 import numcodecs
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from semires.atomic import as_write_error, atomic_path
 from semires.errors import SemiresError
 from semires.proposals.base import ATTR_FIELDS, Proposals
+from semires.resize import NearestRule
+from semires.resize import nearest_index as resize_nearest_index
 
 FORMAT = "semires-proposals"
 VERSION = 3  # 3: digests of the data files in zarr.json
@@ -97,20 +98,27 @@ def unpack_masks(packed: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
     return np.unpackbits(rows, axis=-1, count=w, bitorder="little").astype(bool)
 
 
-def nearest_index(src: int, dst: int) -> torch.Tensor:
-    """Source index of each of ``dst`` outputs, exactly as ``F.interpolate(mode="nearest")``."""
-    grid = torch.arange(src, dtype=torch.float32).view(1, 1, src)
-    return F.interpolate(grid, size=dst, mode="nearest").view(dst).long()
+def nearest_index(src: int, dst: int, rule: NearestRule = "torch", axis: int = 1) -> torch.Tensor:
+    """Source index of each of ``dst`` outputs of nearest resizing under ``rule``: ``"torch"``
+    as ``F.interpolate(mode="nearest")``, ``"pil"`` as PIL's ``NEAREST``
+    (:func:`semires.resize.nearest_index`; ``axis`` 0 rows, 1 columns)."""
+    return torch.from_numpy(_nearest(src, dst, rule, axis).copy())
 
 
 def resize_packed(
-    packed: np.ndarray, n: int, h: int, w: int, size: tuple[int, int], device: torch.device | str = "cpu"
+    packed: np.ndarray,
+    n: int,
+    h: int,
+    w: int,
+    size: tuple[int, int],
+    device: torch.device | str = "cpu",
+    rule: NearestRule = "torch",
 ) -> torch.Tensor:
     """Bit-packed ``N x H x W`` masks -> ``N x h' x w'`` bool tensor on ``device``, nearest
-    (as F.interpolate). See :func:`resize_rows`."""
+    under ``rule`` (default as F.interpolate). See :func:`resize_rows`."""
     grid = packed[: n * h * ((w + 7) // 8)].reshape(n * h, -1)
     rows = np.flatnonzero(grid.any(axis=1))
-    return resize_rows(rows, grid[rows], n, h, w, size, device)
+    return resize_rows(rows, grid[rows], n, h, w, size, device, rule)
 
 
 def resize_rows(
@@ -121,17 +129,19 @@ def resize_rows(
     w: int,
     size: tuple[int, int],
     device: torch.device | str = "cpu",
+    rule: NearestRule = "torch",
 ) -> torch.Tensor:
     """``N x H x W`` masks given by their nonempty rows -> ``N x h' x w'`` bool tensor on
-    ``device``, nearest (as F.interpolate). ``rows``: the nonempty rows' indices ``n * H + y``;
-    ``packed_rows``: their bits, ``len(rows) x ceil(W/8)`` (as :func:`pack_masks`).
+    ``device``, nearest under ``rule`` (default as F.interpolate). ``rows``: the nonempty
+    rows' indices ``n * H + y``; ``packed_rows``: their bits, ``len(rows) x ceil(W/8)``
+    (as :func:`pack_masks`).
 
     Only output rows made from a nonempty row are computed (the others stay zero), each
     output pixel once, from the smaller of the source and output row sets, plus whole-row
     copies. Off the CPU only those packed rows travel to the device, and the bits are
     picked there."""
     oh, ow = size
-    ri, ci = nearest_index(h, oh).numpy(), nearest_index(w, ow).numpy()
+    ri, ci = _nearest(h, oh, rule, 0), _nearest(w, ow, rule, 1)
     where = np.full(n * h, -1, np.int64)
     where[rows] = np.arange(len(rows))
     src = where[(np.arange(n)[:, None] * h + ri).reshape(-1)]  # each output row's source, or -1
@@ -222,12 +232,18 @@ def decode_masks(row: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
 
 
 def decode_rows(
-    row: np.ndarray, n: int, h: int, w: int, width: int | None = None, mirror: bool = False
+    row: np.ndarray,
+    n: int,
+    h: int,
+    w: int,
+    width: int | None = None,
+    mirror: bool = False,
+    rule: NearestRule = "torch",
 ) -> tuple[np.ndarray, np.ndarray]:
     """An encoded row -> the masks' nonempty rows, as :func:`resize_rows` takes them: their
     indices ``n * H + y`` (ascending) and their bits, ``R x ceil(W/8)`` uint8.
 
-    ``width``: each row resized to this many columns instead (nearest, as ``F.interpolate``):
+    ``width``: each row resized to this many columns instead (nearest under ``rule``):
     ``R x ceil(width/8)``; ``mirror``: and mirrored left-right. From the edge encoding the
     edges are moved (a run ``[x0, x1)`` keeps the output columns whose source column lies in
     it; mirrored, an edge at ``e`` moves to ``width - e``), so the rows are never unpacked at
@@ -240,7 +256,7 @@ def decode_rows(
         rows = np.flatnonzero(grid.any(axis=1))
         if width == w and not mirror:
             return rows, grid[rows]
-        cols = _nearest(w, width)[::-1] if mirror else _nearest(w, width)
+        cols = _nearest(w, width, rule, 1)[::-1] if mirror else _nearest(w, width, rule, 1)
         bits = np.unpackbits(grid[rows], axis=-1, count=w, bitorder="little")
         return rows, np.packbits(bits[:, cols], axis=-1, bitorder="little")
     if kind != EDGES:
@@ -263,7 +279,7 @@ def decode_rows(
     cs = _cumsum0(d)  # -> columns: a cumulative sum along each segment
     x = cs[1:] - np.repeat(cs[b.seg_start[:-1]], b.seg_len)
     if width != w:
-        x, wb = _edge_map(w, width)[x], (width + 7) // 8
+        x, wb = _edge_map(w, width, rule)[x], (width + 7) // 8
     if mirror:
         x = width - x
     # Each edge flips every bit from x on. As differences (XOR) of consecutive bytes that is
@@ -278,30 +294,29 @@ def decode_rows(
     return b.rows, _prefix_xor(compact)[: len(b.rows) * wb].reshape(-1, wb)
 
 
-@functools.lru_cache(maxsize=64)
-def _nearest(src: int, dst: int) -> np.ndarray:
-    """:func:`nearest_index` as a read-only numpy array, made once per pair of sizes."""
-    out = nearest_index(src, dst).numpy()
-    out.flags.writeable = False
-    return out
+def _nearest(src: int, dst: int, rule: NearestRule = "torch", axis: int = 1) -> np.ndarray:
+    """:func:`semires.resize.nearest_index`: read-only, made once per pair of sizes."""
+    return resize_nearest_index(src, dst, rule, axis)
 
 
 @functools.lru_cache(maxsize=64)
-def _edge_map(src: int, dst: int) -> np.ndarray:
+def _edge_map(src: int, dst: int, rule: NearestRule = "torch") -> np.ndarray:
     """Where an edge at source column ``x`` (``0..src``) lands at ``dst`` columns: the first
     output column whose source column is ``x`` or more. Nearest resizing keeps the columns
     in order, so a run ``[x0, x1)`` becomes the output run ``[map[x0], map[x1])``."""
-    out = np.searchsorted(_nearest(src, dst), np.arange(src + 1), side="left")
+    out = np.searchsorted(_nearest(src, dst, rule, 1), np.arange(src + 1), side="left")
     out.flags.writeable = False
     return out
 
 
-def pick_rows(rows: np.ndarray, packed_rows: np.ndarray, h: int, out_h: int) -> tuple[np.ndarray, np.ndarray]:
+def pick_rows(
+    rows: np.ndarray, packed_rows: np.ndarray, h: int, out_h: int, rule: NearestRule = "torch"
+) -> tuple[np.ndarray, np.ndarray]:
     """Masks given by their nonempty rows, already at the output width (as :func:`decode_rows`
     gives them with ``width``) -> the same for ``out_h`` rows each, picked nearest (as
-    ``F.interpolate``): the output rows' indices ``n * out_h + y`` (ascending) and their bits.
+    ``F.interpolate``, or ``rule``): the output rows' indices ``n * out_h + y`` (ascending) and their bits.
     A source row is copied to each output row that picks it (none, one, or several)."""
-    first = _first_pick(h, out_h)  # output rows [first[y], first[y + 1]) pick source row y
+    first = _first_pick(h, out_h, rule)  # output rows [first[y], first[y + 1]) pick source row y
     mask, y = np.divmod(rows, h)
     repeats = first[y + 1] - first[y]
     start = np.repeat(mask * out_h + first[y] - _cumsum0(repeats)[:-1], repeats)
@@ -309,10 +324,10 @@ def pick_rows(rows: np.ndarray, packed_rows: np.ndarray, h: int, out_h: int) -> 
 
 
 @functools.lru_cache(maxsize=64)
-def _first_pick(src: int, dst: int) -> np.ndarray:
+def _first_pick(src: int, dst: int, rule: NearestRule = "torch") -> np.ndarray:
     """``src + 1`` entries: the first of the ``dst`` outputs of nearest resizing whose source
     is ``y`` or more (the outputs pick their sources in order)."""
-    out = np.searchsorted(_nearest(src, dst), np.arange(src + 1), side="left")
+    out = np.searchsorted(_nearest(src, dst, rule, 0), np.arange(src + 1), side="left")
     out.flags.writeable = False
     return out
 
@@ -1035,23 +1050,28 @@ class ProposalStore:
             raise self._damaged(where, e) from e
 
     def masks(
-        self, image_id: int, size: tuple[int, int] | None = None, device: torch.device | str = "cpu"
+        self,
+        image_id: int,
+        size: tuple[int, int] | None = None,
+        device: torch.device | str = "cpu",
+        rule: NearestRule = "torch",
     ) -> torch.Tensor:
-        """``N x h x w`` bool tensor: the masks resized (nearest, as ``F.interpolate``) to
-        ``size`` = ``(h, w)``, or at the image's own size when ``size`` is None. With a GPU
-        ``device`` the bits are unpacked there (only the packed rows are copied)."""
+        """``N x h x w`` bool tensor: the masks resized (nearest under ``rule``: ``"torch"`` as
+        ``F.interpolate``, ``"pil"`` as PIL's ``NEAREST``) to ``size`` = ``(h, w)``, or at the
+        image's own size when ``size`` is None. With a GPU ``device`` the bits are unpacked
+        there (only the packed rows are copied)."""
         j = self._index(image_id)
         n, h, w = int(self.counts[j]), int(self.heights[j]), int(self.widths[j])
         oh, ow = size if size is not None else (h, w)
         if n * h * w == 0:
             return torch.zeros((n, oh, ow), dtype=torch.bool, device=device)
         rows, packed_rows = decode_rows(self._encoded(j, n, h, w), n, h, w)
-        return resize_rows(rows, packed_rows, n, h, w, (oh, ow), device=device)
+        return resize_rows(rows, packed_rows, n, h, w, (oh, ow), device=device, rule=rule)
 
     def packed_rows(
-        self, image_id: int, size: tuple[int, int], mirror: bool = False
+        self, image_id: int, size: tuple[int, int], mirror: bool = False, rule: NearestRule = "torch"
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The masks resized (nearest, as :meth:`masks`) to ``size`` = ``(h, w)``, mirrored
+        """The masks resized (nearest under ``rule``, as :meth:`masks`) to ``size`` = ``(h, w)``, mirrored
         left-right if ``mirror``, bit-packed (as :func:`pack_masks`, per row) and given by
         their nonempty rows: ``(index, rows)``, ``index`` the rows' places ``n * h + y``
         (int64, ascending) and ``rows`` their bits, ``R x ceil(w/8)`` uint8. Never unpacked on
@@ -1062,15 +1082,17 @@ class ProposalStore:
         oh, ow = size
         if n * h * w == 0:
             return np.zeros(0, np.int64), np.zeros((0, (ow + 7) // 8), np.uint8)
-        rows, packed = decode_rows(self._encoded(j, n, h, w), n, h, w, width=ow, mirror=mirror)
-        return pick_rows(rows, packed, h, oh)
+        rows, packed = decode_rows(self._encoded(j, n, h, w), n, h, w, width=ow, mirror=mirror, rule=rule)
+        return pick_rows(rows, packed, h, oh, rule)
 
-    def packed_masks(self, image_id: int, size: tuple[int, int], mirror: bool = False) -> np.ndarray:
+    def packed_masks(
+        self, image_id: int, size: tuple[int, int], mirror: bool = False, rule: NearestRule = "torch"
+    ) -> np.ndarray:
         """:meth:`packed_rows` laid out whole: ``N x h x ceil(w/8)`` uint8, equal to
         ``np.packbits(masks(image_id, size)[..., ::-1 if mirror else 1], axis=-1,
-        bitorder="little")``."""
+        bitorder="little")`` (with the same ``rule``)."""
         n, (oh, ow) = self.num_masks(image_id), size
-        index, rows = self.packed_rows(image_id, size, mirror)
+        index, rows = self.packed_rows(image_id, size, mirror, rule)
         out = np.zeros((n * oh, (ow + 7) // 8), np.uint8)
         out[index] = rows
         return out.reshape(n, oh, (ow + 7) // 8)
