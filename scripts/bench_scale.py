@@ -960,10 +960,13 @@ class Bench:
             results = size_dir / "eval.jsonl"
             argv = [
                 "evaluate", "--checkpoint", str(model), "--name", "bench", "--anns", str(anns),
-                "--metrics", str(size_dir / "eval.json"), "--results", str(results), "--params", params,
+                "--metrics", str(size_dir / "eval.json"), "--scores", str(size_dir / "scores.json"),
+                "--results", str(results), "--params", params,
             ]  # fmt: skip
             m = self.stage(f"{key}-evaluate", argv)
-            count = len(results.read_text().splitlines())
+            # expressions per network (a teacher-student checkpoint scores its teacher and its student)
+            networks = json.loads((size_dir / "scores.json").read_text())["networks"]
+            count = sum(int(v["count"]) for v in next(iter(networks.values())).values())
             row = {
                 "seconds": m.seconds,
                 "peak_rss": m.peak_rss,
