@@ -616,6 +616,7 @@ def section_sam(sizes: Sizes, device: torch.device, deadline: float) -> dict[str
             "seconds": seconds,
             "images_per_s": done / seconds,
             "masks_per_image": float(np.mean(found)),
+            "masks_found": [int(n) for n in found],  # per image, in the order the rows share
             "warmup_s": warmup_s,
             "row_edges_per_mask_row": runs[0] if runs else 0.0,
             "shares": shares,

@@ -311,11 +311,6 @@ class ViewConfig:
         return (Compose(weak) if weak else None), strong
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """``3 x H x W`` float in [0, 1]; a missing or broken file is a :class:`SemiresError`."""
-    return image_tensor(read_rgb(path)[0])
-
-
 def image_tensor(image: np.ndarray) -> torch.Tensor:
     """``H x W x 3`` uint8 -> ``3 x H x W`` float in [0, 1]."""
     return torch.from_numpy(image).permute(2, 0, 1).float().div_(255)

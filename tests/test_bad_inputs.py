@@ -712,18 +712,18 @@ def test_a_loss_that_becomes_nan_stops_the_stage_with_one_line_naming_the_step(
     project, tmp_path, monkeypatch
 ):
     """From the fifth image the stage loads on (after the checkpoint of step 2), images are NaN
-    (a fault injected at the decoder): the run stops at the first non-finite step, saves
-    nothing after it, keeps its last good scratch checkpoint and the earlier output."""
+    (a fault injected where the dataset reads an image): the run stops at the first non-finite
+    step, saves nothing after it, keeps its last good scratch checkpoint and the earlier output."""
     import semires.data
 
-    real, loads = semires.data.load_image, []
+    real, loads = semires.data.ExpressionDataset.image, []
 
-    def load_image(path):
-        loads.append(path)
-        image = real(path)
-        return image.fill_(float("nan")) if len(loads) > 4 else image
+    def image(self, ref):
+        loads.append(ref.image_id)
+        out = real(self, ref)
+        return out.fill_(float("nan")) if len(loads) > 4 else out
 
-    monkeypatch.setattr(semires.data, "load_image", load_image)
+    monkeypatch.setattr(semires.data.ExpressionDataset, "image", image)
     shutil.copytree(project / "outputs" / "burn-in", tmp_path / "out")
     before = tree(tmp_path / "out")
     params = write_params(tmp_path / "params.yaml", base_params(project), burn_in__steps=8)

@@ -66,7 +66,10 @@ def test_tiny_run_passes_its_checks_and_reports_every_section(gpu_check, tmp_pat
     # calibrated thresholds keep masks, so the post-processing is part of the measurement
     assert 0 < sam["calibration"]["kept_on_first_image"] <= sam["calibration"]["candidates"]
     assert sam["rows"]["library-fp32"]["masks_per_image"] >= 1
-    assert sam["rows"]["fast-fp32"]["masks_per_image"] == sam["rows"]["library-fp32"]["masks_per_image"]
+    # each row runs as many images as its time allows: the images both ran keep the same masks
+    fast, lib = sam["rows"]["fast-fp32"]["masks_found"], sam["rows"]["library-fp32"]["masks_found"]
+    n = min(len(fast), len(lib))
+    assert n >= 1 and fast[:n] == lib[:n]
     same = sam["agreement"]["fast-fp32 vs library-fp32"]
     assert same["all_identical"] and same["identical"] == same["masks"] >= 1 and same["mean_iou"] == 1.0
     assert 0 < sam["agreement"]["fast-bf16 vs library-fp32"]["mean_iou"] <= 1
