@@ -103,3 +103,20 @@ def test_split_from_a_semires_file(workdir):
     assert r.exit_code == 0, r.output
     ten = json.loads((workdir / "data/split/10.json").read_text())
     assert ten["labeled"] == train[:3] and ten["source"] == "paper.json" and ten["seed"] is None
+
+
+@pytest.mark.parametrize("command", ["synth", "extract", "split"])
+def test_a_data_stage_runs_without_importing_torch(command):
+    """`dvc repro` starts a process per stage: the data stages leave torch and transformers
+    unimported, and the console script runs the named command from its module alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from stages.cli import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'stages.burn_in') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "[]", out.stdout
+    assert f"Usage: semires {command}" in out.stdout
