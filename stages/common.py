@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import json
 import os
 import shutil
 import socket
@@ -187,6 +188,12 @@ def open_live(directory: Path, *, resume: bool, checkpoint: Path | None = None):
     step = checkpoint_step(checkpoint) if resume and checkpoint is not None else None
     if step is not None:
         drop_rows_after(directory / "plots" / "metrics", step)
+    summary = directory / "metrics.json"
+    if resume and summary.is_file():
+        try:
+            json.loads(summary.read_text(encoding="utf-8"))
+        except ValueError:  # a run killed while DVCLive rewrote it: the next log writes it again
+            summary.unlink()
 
     class _Live(Live):
         def _init_dvc(self) -> None:
@@ -206,6 +213,14 @@ def drop_rows_after(metrics_dir: Path, step: int) -> None:
 
     for tsv in sorted(metrics_dir.rglob("*.tsv")):
         header, *rows = tsv.read_text(encoding="utf-8").splitlines()
-        kept = [r for r in rows if r.strip() and int(float(r.split("\t", 1)[0])) <= step]
+        kept = [r for r in rows if _step_of(r) is not None and _step_of(r) <= step]
         if len(kept) < len(rows):
             write_text(tsv, "\n".join([header, *kept]) + "\n")
+
+
+def _step_of(row: str) -> int | None:
+    """The step of a DVCLive ``.tsv`` row; None for a row a killed run left cut short."""
+    try:
+        return int(float(row.split("\t", 1)[0])) if "\t" in row else None
+    except ValueError:
+        return None

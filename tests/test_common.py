@@ -55,6 +55,29 @@ def test_resuming_drops_the_rows_logged_after_the_checkpoint(tmp_path, monkeypat
     assert len(rows("train/loss.tsv")) == 7
 
 
+def test_resuming_after_a_kill_mid_write_of_the_live_files(tmp_path, monkeypatch):
+    """SIGKILL while DVCLive rewrote metrics.json (empty) or appended a row (cut short): the
+    resumed run starts anyway, the summary written afresh, the cut row dropped."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    live = open_live(tmp_path / "live", resume=False)
+    for step in range(1, 5):
+        live.step = step
+        live.log_metric("train/loss", 1.0 / step)
+    live.make_summary()
+    (tmp_path / "live" / "metrics.json").write_text("")
+    tsv = tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    tsv.write_text(tsv.read_text() + "5")
+    torch.save({"step": 4, "model": {}}, tmp_path / "last.pt")
+    live = open_live(tmp_path / "live", resume=True, checkpoint=tmp_path / "last.pt")
+    live.step = 5
+    live.log_metric("train/loss", 0.1)
+    live.make_summary()
+    assert [line.split("\t")[0] for line in tsv.read_text().splitlines()[1:]] == ["1", "2", "3", "4", "5"]
+    assert json.loads((tmp_path / "live" / "metrics.json").read_text())["train"]["loss"] == 0.1
+
+
 def test_one_run_per_scratch_folder_and_the_lock_goes_with_the_run(tmp_path, monkeypatch):
     import re
 
