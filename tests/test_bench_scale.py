@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,19 +12,13 @@ import pytest
 from semires.proposals.base import Proposals
 from semires.refer import read_refer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_scale.py"
+from .conftest import script_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(module)
+    with script_module("bench_scale") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_the_plan_has_refcocos_counts_and_smaller_sizes_are_prefixes(bench):

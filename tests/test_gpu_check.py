@@ -1,26 +1,17 @@
 """scripts/gpu_check.py at CPU sizes: every section runs, its checks pass, the JSON holds its figures."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+from .conftest import script_module
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(module)
+    with script_module("gpu_check") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_tiny_run_passes_its_checks_and_reports_every_section(gpu_check, tmp_path, capsys, monkeypatch):

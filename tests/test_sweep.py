@@ -1,29 +1,22 @@
 """scripts/sweep.py: variants become params files, datasets are shared, the table has each figure."""
 
 import contextlib
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from .conftest import script_module
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "sweep.py"
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module("sweep") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_variant_overrides_are_yaml_values_and_unknown_sections_fail(sweep):
