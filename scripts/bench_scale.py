@@ -1106,7 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options()
     if args.tiny:
         opts = Options(
-            steps=2, batch=2, workers=(0, 1), run_workers=1, loader_batches=3, quality=4, refine_masks=16
+            steps=8, batch=2, workers=(0, 1), run_workers=1, loader_batches=3, quality=4, refine_masks=16
         )
     if args.steps is not None:
         opts = Options(**{**asdict(opts), "steps": args.steps})
