@@ -30,8 +30,10 @@
 3. **At each size**, every measured step in its own process, with the sum of the resident
    memory of that process and all its children (DataLoader workers) sampled 10 times a
    second: ``extract`` and ``split`` (1 % labels) time and peak RSS; the unlabeled loader
-   of ``train-semi`` (flip, colour jitter, proposals; batch 8) in samples/s at 480 px with
-   0, 1 and 2 workers; a ``train-semi`` run (CPI+PWA, the ``tiny`` model at 480 px,
+   of ``train-semi`` (flip, the default blur and colour jitter, proposals; batch 8) in
+   samples/s at 480 px with 0, 1 and 2 workers (what a batch is when it leaves the loader:
+   since the views travel as uint8 pixels and jitter codes, the jitter itself runs on the
+   training device and is not in this figure); a ``train-semi`` run (CPI+PWA, the ``tiny`` model at 480 px,
    ``--steps`` steps of 8 labeled + 8 unlabeled, pseudo-label quality on 64 expressions at
    start and end, 2 workers; on the train refs only, as validation is the next row) from a
    1-step burn-in: peak RSS of all its processes together (and their PSS, which counts a
@@ -572,17 +574,24 @@ def child_loader(args: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from semires import annotations
-    from semires.data import ColourJitter, Compose, HorizontalFlip, StepSampler
+    from semires.data import StepSampler
     from semires.semi import UnlabeledDataset, collate_unlabeled
     from semires.train import load_model
 
+    try:  # the default views (blur, colour jitter), and the flip
+        from semires.data import ViewConfig
+
+        geometric, photometric = ViewConfig(flip=True).views()
+    except ImportError:  # code from before the recipe's views
+        from semires.data import ColourJitter, Compose, HorizontalFlip
+
+        geometric, photometric = Compose([HorizontalFlip()]), ColourJitter(0.4, 0.4, 0.4, 0.0)
     spec, _, _ = load_model(args["checkpoint"])
     labeled = set(json.loads(Path(args["split"]).read_text())["labeled"])
     refs = [r for r in annotations.load(args["anns"]).in_split("train") if r.image_id not in labeled]
     ds = UnlabeledDataset(
         refs, args["image_dir"], spec.make_tokenizer(), args["store"], image_size=spec.config.image_size,
-        max_tokens=spec.config.max_tokens, geometric=Compose([HorizontalFlip()]),
-        photometric=ColourJitter(0.4, 0.4, 0.4, 0.0),
+        max_tokens=spec.config.max_tokens, geometric=geometric, photometric=photometric,
     )  # fmt: skip
     try:
         from semires.data import make_loader

@@ -792,7 +792,7 @@ def build_lavt(preset_name: str, device: torch.device):
 def step_inputs(spec, sizes: Sizes, device: torch.device, seed: int = 0):
     """A labeled batch and an unlabeled batch as plain tensors on ``device``."""
     from semires.bits import pack_bits
-    from semires.data import Sample
+    from semires.data import ColourJitter, Sample
     from semires.semi import UnlabeledSample
 
     gen = torch.Generator().manual_seed(seed)
@@ -813,10 +813,10 @@ def step_inputs(spec, sizes: Sizes, device: torch.device, seed: int = 0):
         attention_mask=att[:nl].to(device),
         **meta(nl, 0),
     )
-    weak = torch.rand(nu, 3, s, s, generator=gen).to(device)
+    jitter = ColourJitter(0.25, 0.25, 0.25, 0.25, random_order=True)  # the strong view: made on the device
     unl = UnlabeledSample(
-        weak=weak,
-        strong=(weak * 0.9 + 0.05).clamp(0, 1),
+        weak=torch.randint(0, 256, (nu, 3, s, s), generator=gen, dtype=torch.uint8).to(device),
+        jitter=torch.stack([jitter.code(gen) for _ in range(nu)]),
         proposals=pack_bits(blobs((nu, sizes.step_masks), s, device, gen) > 0.6),  # as the loader sends them
         valid=torch.ones(nu, sizes.step_masks, dtype=torch.bool, device=device),
         input_ids=ids[nl:].to(device),
@@ -839,11 +839,12 @@ def public_style_step(student, teacher, lab, unl, optimizer, scheduler, *, cfg, 
     from semires.bits import unpack_bits
     from semires.ema import ema_update
     from semires.refine import Refined
-    from semires.semi import pixel_mean_loss, unsupervised_loss
+    from semires.semi import pixel_mean_loss, unlabeled_to_device, unsupervised_loss
 
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    unl = unlabeled_to_device(unl, device)  # [0, 1] views, as the public loader makes them
     with torch.no_grad():
         t_logits = teacher(unl.weak, unl.input_ids, unl.attention_mask)
     prob = t_logits.softmax(dim=1)[:, 1]

@@ -65,7 +65,7 @@ class View:
     transform moves them all with the image.
     """
 
-    image: torch.Tensor  # 3 x H x W float in [0, 1]
+    image: torch.Tensor  # 3 x H x W float in [0, 1], or uint8 pixels
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     sentence: str = ""
     packed: dict[str, torch.Tensor | DeferredMasks] = field(default_factory=dict)
@@ -185,8 +185,9 @@ class GaussianBlur:
 
     The official weak view (``RandomGaussianBlur(p=0.5)``) blurs the uint8 image with
     ``radius=1``: ``sigma=(1.0, 1.0)``; its commented-out line drew sigma in [0.1, 2.0].
-    The [0, 1] image is blurred as the uint8 image it came from (``x * 255`` rounded:
-    exact for a resized image), as the official code does through ``ToPILImage``.
+    A uint8 image is blurred as it is and stays uint8 (the unlabeled views); a [0, 1] image
+    as the uint8 image it came from (``x * 255`` rounded: exact for a resized image), as the
+    official code does through ``ToPILImage``.
     """
 
     p: float
@@ -198,9 +199,12 @@ class GaussianBlur:
         from PIL import Image, ImageFilter
 
         radius = _uniform(gen, *self.sigma)
-        pixels = view.image.mul(255).round_().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-        blurred = Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=radius))
-        return replace(view, image=image_tensor(np.array(blurred)))
+        image = view.image
+        pixels = image if image.dtype == torch.uint8 else image.mul(255).round_().to(torch.uint8)
+        blurred = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
+        out = torch.from_numpy(np.array(blurred.filter(ImageFilter.GaussianBlur(radius=radius))))
+        out = out.permute(2, 0, 1)
+        return replace(view, image=out if image.dtype == torch.uint8 else to_unit(out))
 
 
 JITTER_ORDER = ("brightness", "contrast", "saturation", "hue")
@@ -255,6 +259,30 @@ class ColourJitter:
         if drawn is None:
             return view
         return replace(view, image=self.apply(view.image, *drawn))
+
+    def code(self, gen: torch.Generator) -> torch.Tensor:
+        """What :meth:`draw` draws (the same draws from ``gen``) as 9 float64 numbers: 1 if
+        the image is jittered, else 0; the order (4); the factors (4). A loader ships this
+        instead of the jittered image: :meth:`apply_codes` makes it where the model runs."""
+        drawn = self.draw(gen)
+        if drawn is None:
+            return torch.zeros(9, dtype=torch.float64)
+        order, factors = drawn
+        return torch.tensor([1.0, *order, *factors], dtype=torch.float64)
+
+    @classmethod
+    def apply_codes(cls, images: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` [0, 1] images, each jittered as its row of ``codes`` (``B x 9``
+        from :meth:`code`, on the host: read without a device sync), on the images' device.
+        Equal to :meth:`apply` image by image (the same operations on the same values)."""
+        rows = codes.tolist()
+        if not any(row[0] for row in rows):
+            return images
+        out = [
+            cls.apply(image, [int(k) for k in row[1:5]], row[5:]) if row[0] else image
+            for image, row in zip(images, rows, strict=True)
+        ]
+        return torch.stack(out)
 
 
 @dataclass(frozen=True)
@@ -313,7 +341,12 @@ class ViewConfig:
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
     """``H x W x 3`` uint8 -> ``3 x H x W`` float in [0, 1]."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
+    return to_unit(torch.from_numpy(image).permute(2, 0, 1))
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [0, 1], on their device (``x / 255``)."""
+    return pixels.float().div_(255)
 
 
 def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
@@ -399,13 +432,17 @@ class ExpressionDataset(Dataset):
     def expression_of(self, ref_index: int, sentence_index: int) -> int:
         return int(self._first[ref_index]) + sentence_index
 
-    def image(self, ref: RefRecord) -> torch.Tensor:
-        """The ref's image at the input size: ``3 x S x S`` float in [0, 1]."""
+    def pixels(self, ref: RefRecord) -> torch.Tensor:
+        """The ref's image at the input size as PIL resizes it: ``3 x S x S`` uint8."""
         raw = self.cache.get(ref.image_id)
         if raw is None:
             raw = read_rgb(self.image_dir / ref.file_name)[0]
             self.cache.put(ref.image_id, raw)
-        return resize_image(raw, self.image_size)
+        return torch.from_numpy(np.array(resize.resize_image(raw, self.image_size))).permute(2, 0, 1)
+
+    def image(self, ref: RefRecord) -> torch.Tensor:
+        """The ref's image at the input size: ``3 x S x S`` float in [0, 1]."""
+        return to_unit(self.pixels(ref))
 
     def mask(self, ref: RefRecord) -> torch.Tensor:
         """The ref's ground truth at the input size: ``S x S`` uint8 (PIL's nearest)."""

@@ -606,7 +606,7 @@ def pseudo_label_examples(
         n = int(batch.valid[k].sum())
         out.append(
             PseudoLabelExample(
-                image=batch.weak[k].permute(1, 2, 0).numpy(),
+                image=b.weak[k].permute(1, 2, 0).cpu().numpy(),
                 sentence=batch.sentence[k],
                 gt=batch.gt[k].bool().numpy(),
                 teacher=r.raw[k].bool().cpu().numpy(),

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_colla
 from semires import distributed
 from semires.annotations import RefRecord
 from semires.data import (
+    ColourJitter,
     DeferredMasks,
     ExpressionDataset,
     Sample,
@@ -49,6 +50,7 @@ from semires.data import (
     make_loader,
     packed_tensor,
     start_workers,
+    to_unit,
 )
 from semires.ema import ema_update
 from semires.errors import SemiresError
@@ -95,10 +97,15 @@ class UnlabeledSample(NamedTuple):
     (padded with empty masks, ``valid``, ``B x Nmax``, marking the real ones).
     :func:`unlabeled_to_device` lays them out on the device as ``B x Nmax x S x S/8``
     (``proposal_rows`` None), which :func:`semires.refine.refine` unpacks chunk by chunk.
+
+    The images travel the same way, small: the weak view as uint8 pixels and the strong
+    view as the numbers of its colour jitter; :func:`unlabeled_to_device` makes both [0, 1]
+    images on the device (a quarter of the bytes to pass between processes and copy, and
+    the jitter, half a loader worker's time per sample on the CPU, done by the device).
     """
 
-    weak: torch.Tensor  # 3 x S x S in [0, 1]: what the teacher sees
-    strong: torch.Tensor  # 3 x S x S in [0, 1]: the weak view, colour-jittered, for the student
+    weak: torch.Tensor  # 3 x S x S: what the teacher sees; uint8 pixels, on the device [0, 1] float
+    jitter: torch.Tensor  # 9 float64: the strong view's colour jitter (ColourJitter.code), host only
     proposals: torch.Tensor
     valid: torch.Tensor
     input_ids: torch.Tensor
@@ -110,6 +117,7 @@ class UnlabeledSample(NamedTuple):
     image_id: int
     sentence: str
     proposal_rows: torch.Tensor | None = None  # None: ``proposals`` laid out whole
+    strong: torch.Tensor | None = None  # on the device: the weak view colour-jittered, for the student
 
 
 def laid_out(sample: UnlabeledSample) -> torch.Tensor:
@@ -129,8 +137,9 @@ class UnlabeledDataset(ExpressionDataset):
     """Every expression of the unlabeled refs, with its image's proposals at the input size.
 
     ``geometric`` moves image, hidden ground truth and proposals together (and may rewrite
-    the sentence, e.g. a flip swaps left and right); ``photometric`` then makes the strong
-    view from the weak one. ``proposal_rule``: how proposals are resized nearest
+    the sentence, e.g. a flip swaps left and right); ``photometric`` then draws the colour
+    jitter that makes the strong view from the weak one (applied by
+    :func:`unlabeled_to_device`). ``proposal_rule``: how proposals are resized nearest
     (:mod:`semires.resize`). Proposals are read from the store for every item, resized and
     bit-packed without being unpacked (:meth:`ProposalStore.packed_masks`); nothing is kept
     per image. The store opens its arrays lazily in each process that reads it.
@@ -146,7 +155,7 @@ class UnlabeledDataset(ExpressionDataset):
         image_size: int,
         max_tokens: int,
         geometric: Transform | None = None,
-        photometric: Transform | None = None,
+        photometric: ColourJitter | None = None,
         cache_mb: float = 0,
         proposal_rule: NearestRule = "pil",
     ) -> None:
@@ -184,7 +193,7 @@ class UnlabeledDataset(ExpressionDataset):
         r, s = (int(v) for v in self.pairs[index])
         ref = self.refs[r]
         view = View(
-            image=self.image(ref),
+            image=self.pixels(ref),
             masks={"gt": self.mask(ref)},
             packed={"proposals": DeferredMasks(functools.partial(self.proposals, ref.image_id))},
             sentence=ref.sentences[s],
@@ -192,12 +201,14 @@ class UnlabeledDataset(ExpressionDataset):
         gen = torch.Generator().manual_seed(int(seed) if seed is not None else index)
         if self.geometric is not None:
             view = self.geometric(view, gen)
-        strong = self.photometric(view, gen).image if self.photometric is not None else view.image
+        jitter = torch.zeros(9, dtype=torch.float64)  # no jitter: the strong view is the weak one
+        if self.photometric is not None:
+            jitter = self.photometric.code(gen)
         ids, att = self.tokenizer.encode([view.sentence], self.max_tokens)
         rows, where = packed_tensor(view.packed["proposals"])  # read now, mirrored if the view was flipped
         return UnlabeledSample(
             weak=view.image,
-            strong=strong,
+            jitter=jitter,
             proposals=rows,
             valid=torch.ones(self.store.num_masks(ref.image_id), dtype=torch.bool),
             input_ids=ids[0],
@@ -222,7 +233,7 @@ def collate_unlabeled(items: Sequence[UnlabeledSample]) -> UnlabeledSample:
         valid[i, : len(it.valid)] = True
     return UnlabeledSample(
         weak=torch.stack([it.weak for it in items]),
-        strong=torch.stack([it.strong for it in items]),
+        jitter=torch.stack([it.jitter for it in items]),
         proposals=torch.cat([it.proposals for it in items]),
         valid=valid,
         input_ids=torch.stack([it.input_ids for it in items]),
@@ -277,14 +288,16 @@ def collate_step(items: Sequence[Sample | UnlabeledSample]) -> tuple[Sample, Unl
 
 
 def unlabeled_to_device(batch: UnlabeledSample, device: torch.device) -> UnlabeledSample:
-    """The batch on ``device``, its proposals laid out there (:func:`laid_out`)."""
+    """The batch on ``device``: its weak view as [0, 1] images, its strong view made from
+    them (:meth:`ColourJitter.apply_codes`), its proposals laid out (:func:`laid_out`)."""
 
     def move(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device, non_blocking=True)
 
+    weak = to_unit(move(batch.weak))
     moved = batch._replace(
-        weak=move(batch.weak),
-        strong=move(batch.strong),
+        weak=weak,
+        strong=ColourJitter.apply_codes(weak, batch.jitter),
         proposals=move(batch.proposals),
         proposal_rows=move(batch.proposal_rows),
         valid=move(batch.valid),

@@ -25,6 +25,7 @@ from semires.data import (
     View,
     make_loader,
     swap_left_right,
+    to_unit,
 )
 from semires.errors import SemiresError
 from semires.model.text import TextTokenizer
@@ -236,6 +237,33 @@ def test_blur_is_pils_gaussian_blur_of_the_uint8_image(sigma):
         want = np.array(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=radius)))
         assert torch.equal(out.image, torch.from_numpy(want).permute(2, 0, 1).float() / 255)
     assert GaussianBlur(0.0, (1.0, 1.0))(view, torch.Generator().manual_seed(0)) is view
+
+
+def test_blur_of_uint8_pixels_stays_uint8_and_equals_the_blur_of_their_unit_image():
+    view = _rgb_view(2)
+    pixels = View(image=(view.image * 255).round().to(torch.uint8))
+    for seed in range(3):
+        a = GaussianBlur(1.0, (0.1, 2.0))(pixels, torch.Generator().manual_seed(seed)).image
+        b = GaussianBlur(1.0, (0.1, 2.0))(view, torch.Generator().manual_seed(seed)).image
+        assert a.dtype == torch.uint8 and a.shape == pixels.image.shape
+        assert torch.equal(to_unit(a), b)
+
+
+def test_jitter_codes_make_the_jittered_images_a_loader_made_before():
+    """A loader ships ``code`` (9 numbers) instead of the strong view; ``apply_codes`` on the
+    batch, where the model runs, gives what jittering each image in the loader gave."""
+    jit = ColourJitter(0.25, 0.25, 0.25, 0.25, p=0.5, random_order=True)
+    images = torch.stack([_rgb_view(s).image for s in range(6)])
+    codes = torch.stack([jit.code(torch.Generator().manual_seed(s)) for s in range(6)])
+    assert codes.dtype == torch.float64 and codes.shape == (6, 9)
+    assert 0 < int(codes[:, 0].sum()) < 6  # some jittered, some not (p=0.5)
+    got = ColourJitter.apply_codes(images, codes)
+    for s in range(6):
+        want = jit(View(image=images[s]), torch.Generator().manual_seed(s)).image
+        assert torch.equal(got[s], want)
+    assert not codes[:, 0].any() or not torch.equal(got, images)
+    none = torch.zeros(6, 9, dtype=torch.float64)  # no jitter: the images themselves
+    assert ColourJitter.apply_codes(images, none) is images
 
 
 def test_blur_and_jitter_apply_with_their_probability():

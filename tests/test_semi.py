@@ -197,7 +197,11 @@ def test_weak_and_strong_views_share_the_geometry_of_their_proposals(project):
     assert torch.equal(unpack_bits(laid_out(b), SIZE), unpack_bits(laid_out(a), SIZE).flip(-1))
     assert torch.equal(b.gt, a.gt.flip(-1))
     assert b.sentence == swap_left_right(a.sentence)
-    assert b.strong.shape == b.weak.shape and not torch.equal(b.strong, b.weak)
+    assert b.weak.dtype == torch.uint8 and b.strong is None  # pixels and jitter codes travel
+    moved = unlabeled_to_device(collate_unlabeled([a, b]), torch.device("cpu"))
+    assert moved.weak.dtype == torch.float32 and torch.equal(moved.weak[1], a.weak.flip(-1).float() / 255)
+    assert torch.equal(moved.strong[0], moved.weak[0])  # no photometric transform: the weak view
+    assert moved.strong[1].shape == moved.weak[1].shape and not torch.equal(moved.strong[1], moved.weak[1])
     # every object's mask is a proposal: the flipped truth is one of the flipped proposals
     assert any(torch.equal(p.to(torch.uint8), b.gt) for p in unpack_bits(laid_out(b), SIZE))
 
