@@ -141,6 +141,10 @@ class Options:
     refine_batch: int = 8
     refine_masks: int = 256
     propose_procs: int = 2  # propose's processes (each writes its own shards)
+    only: tuple[str, ...] = ()  # measure only these of loader, train_semi, evaluate, refine (empty: all)
+
+    def skip(self, step: str) -> bool:
+        return bool(self.only) and step not in self.only
 
 
 # --- the dataset ---------------------------------------------------------------------------
@@ -883,6 +887,7 @@ class Bench:
     def measure_size(
         self, images: dict[str, list[Image]], n: int, store: Path | None, build_only: bool = False
     ) -> None:
+        o = self.opts
         size_dir = self.root / f"n{n}"
         part = subset(self.spec, images, n)
         write_refer(self.spec, part, size_dir / "refer")
@@ -930,13 +935,13 @@ class Bench:
             annotations.save(train_anns, annotations.Annotations(a.dataset, a.split_by, a.in_split("train")))
         burn_in = size_dir / f"burn_in-{self.label}.pt"
         lab = str(split / "1.json")
-        if not burn_in.is_file():
+        if not burn_in.is_file() and not all(o.skip(s) for s in ("loader", "train_semi", "evaluate")):
             live, scratch = size_dir / "burn_in_live", size_dir / "scratch"
             argv = ["burn-in", "--split", lab, "--anns", str(train_anns), "--out", str(burn_in)]
             self.stage(
                 f"{key}-burn_in", [*argv, "--live", str(live), "--scratch", str(scratch), "--params", params]
             )
-        if self.done(key, "loader") is None:
+        if not o.skip("loader") and self.done(key, "loader") is None:
             args = {
                 "checkpoint": str(burn_in), "split": lab, "anns": str(train_anns),
                 "image_dir": str(self.root / "images"), "store": str(store), "batch": self.opts.batch,
@@ -946,7 +951,8 @@ class Bench:
             self.put(rates, key, "loader")
             self.log(f"{key} loader samples/s: {rates}")
         model = size_dir / f"semi-{self.label}.pt"
-        if self.done(key, "train_semi") is None or not model.is_file():
+        wanted = not o.skip("train_semi") or (not o.skip("evaluate") and not model.is_file())
+        if wanted and (self.done(key, "train_semi") is None or not model.is_file()):
             argv = [
                 "train-semi", "--method", "cpi_pwa", "--split", lab, "--burn-in", str(burn_in),
                 "--proposals", str(store), "--anns", str(train_anns), "--out", str(model),
@@ -965,7 +971,7 @@ class Bench:
                 f"{key} train-semi: {m.seconds:.0f} s, peak RSS {m.peak_rss / 2**30:.2f} GB "
                 f"(PSS {m.peak_pss / 2**30:.2f} GB) over {m.processes} processes"
             )
-        if self.done(key, "evaluate") is None:
+        if not o.skip("evaluate") and self.done(key, "evaluate") is None:
             results = size_dir / "eval.jsonl"
             argv = [
                 "evaluate", "--checkpoint", str(model), "--name", "bench", "--anns", str(anns),
@@ -1013,7 +1019,8 @@ class Bench:
             self.measure_size(images, n, self.store(n), build_only=build_only)
             if build_only:
                 return
-        self.refine()
+        if not self.opts.skip("refine"):
+            self.refine()
 
 
 # --- the table -----------------------------------------------------------------------------
@@ -1109,6 +1116,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny dataset at 96 x 72 (the tests)")
     ap.add_argument("--fresh", action="store_true", help="measure again what --root already holds")
     ap.add_argument("--build-only", action="store_true", help="the dataset and the store, no measurements")
+    ap.add_argument(
+        "--only", nargs="+", choices=("loader", "train_semi", "evaluate", "refine"), default=(),
+        help="measure only these (extract and split, which they need, are measured once in any case)",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     spec = TINY if args.tiny else REFCOCO
@@ -1119,6 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.steps is not None:
         opts = Options(**{**asdict(opts), "steps": args.steps})
+    opts = Options(**{**asdict(opts), "only": tuple(args.only)})
     full = spec.splits["train"].images
     sizes = args.sizes or ([20, full] if args.tiny else [2020, full])
     if max(sizes) > full or min(sizes) < 2:

@@ -816,6 +816,7 @@ def step_inputs(spec, sizes: Sizes, device: torch.device, seed: int = 0):
     jitter = ColourJitter(0.25, 0.25, 0.25, 0.25, random_order=True)  # the strong view: made on the device
     unl = UnlabeledSample(
         weak=torch.randint(0, 256, (nu, 3, s, s), generator=gen, dtype=torch.uint8).to(device),
+        blur=torch.tensor([float(k % 2) for k in range(nu)], dtype=torch.float64),  # half, radius 1
         jitter=torch.stack([jitter.code(gen) for _ in range(nu)]),
         proposals=pack_bits(blobs((nu, sizes.step_masks), s, device, gen) > 0.6),  # as the loader sends them
         valid=torch.ones(nu, sizes.step_masks, dtype=torch.bool, device=device),

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from semires import resize
 from semires.annotations import RefRecord
 from semires.bits import flip_bits
+from semires.blur import gaussian_blur
 from semires.errors import InvalidSetting, SemiresError
 from semires.images import read_rgb
 from semires.model.text import TextTokenizer
@@ -69,6 +70,10 @@ class View:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     sentence: str = ""
     packed: dict[str, torch.Tensor | DeferredMasks] = field(default_factory=dict)
+    # True: a blur only records its radius in ``blur``, for the training device to apply it
+    # (semires.semi.unlabeled_to_device); valid as long as only flips follow it (they commute)
+    defer_blur: bool = False
+    blur: float = 0.0  # the deferred blur's radius (0: none)
 
 
 @dataclass(frozen=True)
@@ -185,9 +190,10 @@ class GaussianBlur:
 
     The official weak view (``RandomGaussianBlur(p=0.5)``) blurs the uint8 image with
     ``radius=1``: ``sigma=(1.0, 1.0)``; its commented-out line drew sigma in [0.1, 2.0].
-    A uint8 image is blurred as it is and stays uint8 (the unlabeled views); a [0, 1] image
-    as the uint8 image it came from (``x * 255`` rounded: exact for a resized image), as the
-    official code does through ``ToPILImage``.
+    A uint8 image is blurred as it is and stays uint8; a [0, 1] image as the uint8 image it
+    came from (``x * 255`` rounded: exact for a resized image), as the official code does
+    through ``ToPILImage``. A view with ``defer_blur`` (the unlabeled views) only gets the
+    radius: the training device blurs, with the same pixels as PIL (:mod:`semires.blur`).
     """
 
     p: float
@@ -196,14 +202,12 @@ class GaussianBlur:
     def __call__(self, view: View, gen: torch.Generator) -> View:
         if torch.rand((), generator=gen).item() >= self.p:
             return view
-        from PIL import Image, ImageFilter
-
         radius = _uniform(gen, *self.sigma)
+        if view.defer_blur:
+            return replace(view, blur=radius)
         image = view.image
         pixels = image if image.dtype == torch.uint8 else image.mul(255).round_().to(torch.uint8)
-        blurred = Image.fromarray(pixels.permute(1, 2, 0).contiguous().numpy())
-        out = torch.from_numpy(np.array(blurred.filter(ImageFilter.GaussianBlur(radius=radius))))
-        out = out.permute(2, 0, 1)
+        out = gaussian_blur(pixels, radius)
         return replace(view, image=out if image.dtype == torch.uint8 else to_unit(out))
 
 

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_colla
 
 from semires import distributed
 from semires.annotations import RefRecord
+from semires.blur import gaussian_blur
 from semires.data import (
     ColourJitter,
     DeferredMasks,
@@ -98,13 +99,15 @@ class UnlabeledSample(NamedTuple):
     :func:`unlabeled_to_device` lays them out on the device as ``B x Nmax x S x S/8``
     (``proposal_rows`` None), which :func:`semires.refine.refine` unpacks chunk by chunk.
 
-    The images travel the same way, small: the weak view as uint8 pixels and the strong
-    view as the numbers of its colour jitter; :func:`unlabeled_to_device` makes both [0, 1]
-    images on the device (a quarter of the bytes to pass between processes and copy, and
-    the jitter, half a loader worker's time per sample on the CPU, done by the device).
+    The images travel the same way, small: the weak view as uint8 pixels with the radius of
+    its blur, the strong view as the numbers of its colour jitter; :func:`unlabeled_to_device`
+    makes both [0, 1] images on the device, pixel for pixel what the loader made before (a
+    quarter of the bytes to pass between processes and copy; the blur and the jitter, most
+    of a loader worker's time per sample on the CPU, done by the device).
     """
 
     weak: torch.Tensor  # 3 x S x S: what the teacher sees; uint8 pixels, on the device [0, 1] float
+    blur: torch.Tensor  # float64: the weak view's blur radius still to apply (0: none), host only
     jitter: torch.Tensor  # 9 float64: the strong view's colour jitter (ColourJitter.code), host only
     proposals: torch.Tensor
     valid: torch.Tensor
@@ -194,6 +197,7 @@ class UnlabeledDataset(ExpressionDataset):
         ref = self.refs[r]
         view = View(
             image=self.pixels(ref),
+            defer_blur=True,
             masks={"gt": self.mask(ref)},
             packed={"proposals": DeferredMasks(functools.partial(self.proposals, ref.image_id))},
             sentence=ref.sentences[s],
@@ -208,6 +212,7 @@ class UnlabeledDataset(ExpressionDataset):
         rows, where = packed_tensor(view.packed["proposals"])  # read now, mirrored if the view was flipped
         return UnlabeledSample(
             weak=view.image,
+            blur=torch.tensor(view.blur, dtype=torch.float64),
             jitter=jitter,
             proposals=rows,
             valid=torch.ones(self.store.num_masks(ref.image_id), dtype=torch.bool),
@@ -233,6 +238,7 @@ def collate_unlabeled(items: Sequence[UnlabeledSample]) -> UnlabeledSample:
         valid[i, : len(it.valid)] = True
     return UnlabeledSample(
         weak=torch.stack([it.weak for it in items]),
+        blur=torch.stack([it.blur for it in items]),
         jitter=torch.stack([it.jitter for it in items]),
         proposals=torch.cat([it.proposals for it in items]),
         valid=valid,
@@ -288,13 +294,18 @@ def collate_step(items: Sequence[Sample | UnlabeledSample]) -> tuple[Sample, Unl
 
 
 def unlabeled_to_device(batch: UnlabeledSample, device: torch.device) -> UnlabeledSample:
-    """The batch on ``device``: its weak view as [0, 1] images, its strong view made from
-    them (:meth:`ColourJitter.apply_codes`), its proposals laid out (:func:`laid_out`)."""
+    """The batch on ``device``: its weak view blurred where drawn (:func:`semires.blur.gaussian_blur`)
+    as [0, 1] images, its strong view made from them (:meth:`ColourJitter.apply_codes`), its
+    proposals laid out (:func:`laid_out`). The views' numbers are read on the host."""
 
     def move(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device, non_blocking=True)
 
-    weak = to_unit(move(batch.weak))
+    pixels = move(batch.weak)
+    radii = batch.blur.tolist()
+    if any(radii):
+        pixels = torch.stack([gaussian_blur(p, r) if r else p for p, r in zip(pixels, radii, strict=True)])
+    weak = to_unit(pixels)
     moved = batch._replace(
         weak=weak,
         strong=ColourJitter.apply_codes(weak, batch.jitter),

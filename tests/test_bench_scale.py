@@ -100,3 +100,8 @@ def test_a_tiny_run_measures_every_step_and_a_rerun_measures_nothing_again(bench
     assert json.loads((root / "results-after.json").read_text()) == results
     assert time.perf_counter() - start < 30
     assert capsys.readouterr().out.splitlines()[-6:] == out.splitlines()[-6:]
+    # --only measures the steps named (and what they need), nothing else
+    only_loader = ["--root", str(root), "--tiny", "--sizes", "20", "--only", "loader", "--label", "x"]
+    assert bench.main(only_loader) == 0
+    only = json.loads((root / "results-x.json").read_text())
+    assert set(only["n20"]) == {"counts", "extract", "split", "loader"} and "refine" not in only

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from semires.bits import pack_bits
+from semires.blur import box_blur, gaussian_blur
 from semires.data import (
     ColourJitter,
     Compose,
@@ -247,6 +249,32 @@ def test_blur_of_uint8_pixels_stays_uint8_and_equals_the_blur_of_their_unit_imag
         b = GaussianBlur(1.0, (0.1, 2.0))(view, torch.Generator().manual_seed(seed)).image
         assert a.dtype == torch.uint8 and a.shape == pixels.image.shape
         assert torch.equal(to_unit(a), b)
+
+
+@pytest.mark.parametrize("hw", [(48, 64), (7, 5), (1, 9), (3, 2)])
+def test_box_blur_gives_pils_gaussian_blur_pixel_for_pixel(hw):
+    """The torch blur (what the training device runs) against the library, radii from none
+    to wider than the image (every edge case of PIL's box passes)."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(hw[0])
+    for sigma in [1.0, 0.1, 0.5, 0.77, 1.3, 2.0, 3.3, 7.5, 50.0, *rng.uniform(0.1, 2.0, 6)]:
+        pixels = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+        want = np.array(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(radius=float(sigma))))
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1)
+        assert torch.equal(box_blur(tensor, sigma), torch.from_numpy(want).permute(2, 0, 1)), sigma
+        assert torch.equal(gaussian_blur(tensor, sigma), box_blur(tensor, sigma))
+    with pytest.raises(TypeError, match="uint8"):
+        gaussian_blur(torch.zeros(3, 4, 4), 1.0)
+
+
+def test_a_deferred_blur_records_its_radius_and_leaves_the_pixels():
+    view = View(image=(_rgb_view(4).image * 255).round().to(torch.uint8), defer_blur=True)
+    blur = GaussianBlur(1.0, (0.1, 2.0))
+    deferred = blur(view, torch.Generator().manual_seed(3))
+    done = blur(replace(view, defer_blur=False), torch.Generator().manual_seed(3))
+    assert deferred.image is view.image and 0.1 <= deferred.blur <= 2.0
+    assert torch.equal(gaussian_blur(view.image, deferred.blur), done.image)
 
 
 def test_jitter_codes_make_the_jittered_images_a_loader_made_before():

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from semires import annotations
 from semires.atomic import write_json
 from semires.bits import unpack_bits
-from semires.data import ColourJitter, HorizontalFlip, swap_left_right
+from semires.data import ColourJitter, HorizontalFlip, View, ViewConfig, swap_left_right
 from semires.model.build import TextConfig, prepare, preset
 from semires.proposals.base import Proposals
 from semires.proposals.store import ImageResult, Layout, create, finish, write_shard
@@ -204,6 +204,24 @@ def test_weak_and_strong_views_share_the_geometry_of_their_proposals(project):
     assert moved.strong[1].shape == moved.weak[1].shape and not torch.equal(moved.strong[1], moved.weak[1])
     # every object's mask is a proposal: the flipped truth is one of the flipped proposals
     assert any(torch.equal(p.to(torch.uint8), b.gt) for p in unpack_bits(laid_out(b), SIZE))
+
+
+def test_views_made_on_the_device_are_the_views_the_loader_made(project):
+    """The loader ships pixels, a blur radius and jitter numbers; on the device they give, pixel
+    for pixel, the views of applying the same draws to the image in the loader."""
+    _, anns, _, _ = project
+    spec, _ = tiny(anns)
+    geometric, photometric = ViewConfig(flip=True, blur_sigma=(0.1, 2.0)).views()
+    ds = unlabeled(project, spec, geometric=geometric, photometric=photometric)
+    keys = [(k % len(ds), 100 + k) for k in range(12)]
+    batch = unlabeled_to_device(collate_unlabeled([ds[k] for k in keys]), torch.device("cpu"))
+    assert 0 < int((batch.blur > 0).sum()) < len(keys) and 0 < int(batch.jitter[:, 0].sum()) < len(keys)
+    for i, (index, seed) in enumerate(keys):
+        ref = ds.refs[int(ds.pairs[index][0])]
+        gen = torch.Generator().manual_seed(seed)
+        view = geometric(View(image=ds.image(ref)), gen)  # the [0, 1] image, blurred with PIL
+        assert torch.equal(batch.weak[i], view.image)
+        assert torch.equal(batch.strong[i], photometric(view, gen).image)
 
 
 @pytest.mark.parametrize("rule", ["pil", "torch"])
