@@ -163,7 +163,8 @@ class HorizontalFlip:
         if torch.rand((), generator=gen).item() >= self.p:
             return view
         width = view.image.shape[-1]
-        return View(
+        return replace(
+            view,
             image=view.image.flip(-1),
             masks={k: m.flip(-1) for k, m in view.masks.items()},
             sentence=swap_left_right(view.sentence),

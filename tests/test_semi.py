@@ -214,7 +214,11 @@ def test_views_made_on_the_device_are_the_views_the_loader_made(project):
     geometric, photometric = ViewConfig(flip=True, blur_sigma=(0.1, 2.0)).views()
     ds = unlabeled(project, spec, geometric=geometric, photometric=photometric)
     keys = [(k % len(ds), 100 + k) for k in range(12)]
-    batch = unlabeled_to_device(collate_unlabeled([ds[k] for k in keys]), torch.device("cpu"))
+    items = [ds[k] for k in keys]
+    for (index, _), item in zip(keys, items, strict=True):  # the loader flips, never blurs
+        pixels = ds.pixels(ds.refs[int(ds.pairs[index][0])])
+        assert torch.equal(item.weak, pixels) or torch.equal(item.weak, pixels.flip(-1))
+    batch = unlabeled_to_device(collate_unlabeled(items), torch.device("cpu"))
     assert 0 < int((batch.blur > 0).sum()) < len(keys) and 0 < int(batch.jitter[:, 0].sum()) < len(keys)
     for i, (index, seed) in enumerate(keys):
         ref = ds.refs[int(ds.pairs[index][0])]
