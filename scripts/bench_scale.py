@@ -31,10 +31,10 @@
    memory of that process and all its children (DataLoader workers) sampled 10 times a
    second: ``extract`` and ``split`` (1 % labels) time and peak RSS; the unlabeled loader
    of ``train-semi`` (flip, the default blur and colour jitter, proposals; batch 8) in
-   samples/s at 480 px with 0, 1 and 2 workers (what a batch is when it leaves the loader:
-   since the views travel as uint8 pixels and jitter codes, the jitter itself runs on the
-   training device and is not in this figure); a ``train-semi`` run (CPI+PWA, the ``tiny`` model at 480 px,
-   ``--steps`` steps of 8 labeled + 8 unlabeled, pseudo-label quality on 64 expressions at
+   samples/s at 480 px with 0 (one torch thread), 1 and 2 workers, up to the batch leaving
+   the loader (the views travel as uint8 pixels, a blur radius and jitter numbers: the blur
+   and the jitter run on the training device and are not in this figure); a
+   ``train-semi`` run (CPI+PWA, the ``tiny`` model at 480 px, ``--steps`` steps of 8 labeled + 8 unlabeled, pseudo-label quality on 64 expressions at
    start and end, 2 workers; on the train refs only, as validation is the next row) from a
    1-step burn-in: peak RSS of all its processes together (and their PSS, which counts a
    page shared by the workers once); ``evaluate`` (2 workers) on the val split: 10,834
@@ -573,8 +573,11 @@ def run_measured(
 
 
 def child_loader(args: dict[str, Any]) -> dict[str, Any]:
-    """Samples/s of the unlabeled loader as ``train-semi`` builds it, per worker count."""
+    """Samples/s of the unlabeled loader as ``train-semi`` builds it, per worker count. One
+    torch thread, as in a loader worker: with 0 workers the figure is one core's."""
     import torch
+
+    torch.set_num_threads(1)
     from torch.utils.data import DataLoader
 
     from semires import annotations

@@ -443,7 +443,9 @@ class ExpressionDataset(Dataset):
         if raw is None:
             raw = read_rgb(self.image_dir / ref.file_name)[0]
             self.cache.put(ref.image_id, raw)
-        return torch.from_numpy(np.array(resize.resize_image(raw, self.image_size))).permute(2, 0, 1)
+        # channels first in memory: batching and flipping a strided view copies element by element
+        hwc = np.asarray(resize.resize_image(raw, self.image_size))
+        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
 
     def image(self, ref: RefRecord) -> torch.Tensor:
         """The ref's image at the input size: ``3 x S x S`` float in [0, 1]."""
