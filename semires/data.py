@@ -45,7 +45,7 @@ from semires.model.text import TextTokenizer
 class Sample(NamedTuple):
     """One expression, ready for the model (batched: a leading ``B`` on every tensor)."""
 
-    image: torch.Tensor  # 3 x S x S float in [0, 1]
+    image: torch.Tensor  # 3 x S x S uint8 pixels ([0, 1] float after a transform; to_device: float)
     mask: torch.Tensor  # S x S int64, 1 on the referred object
     input_ids: torch.Tensor  # T int64
     attention_mask: torch.Tensor  # T int64, 1 on tokens, 0 on pads
@@ -463,7 +463,9 @@ class ExpressionDataset(Dataset):
         index, seed = (key, None) if isinstance(key, int) else key
         r, s = (int(v) for v in self.pairs[index])
         ref = self.refs[r]
-        view = View(image=self.image(ref), masks={"gt": self.mask(ref)}, sentence=ref.sentences[s])
+        # uint8 pixels travel (a quarter of the bytes); transforms work on the [0, 1] image
+        image = self.pixels(ref) if self.transform is None else self.image(ref)
+        view = View(image=image, masks={"gt": self.mask(ref)}, sentence=ref.sentences[s])
         if self.transform is not None:
             gen = torch.Generator().manual_seed(int(seed) if seed is not None else index)
             view = self.transform(view, gen)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from semires import distributed
 from semires.atomic import atomic_path
-from semires.data import ExpressionDataset, Sample, StepSampler, make_loader, start_workers
+from semires.data import ExpressionDataset, Sample, StepSampler, make_loader, start_workers, to_unit
 from semires.errors import CollectiveError, SemiresError
 from semires.logits import difference, foreground, forward
 from semires.metrics import intersection_union, iou, summarize
@@ -192,8 +192,10 @@ def autocast(device: torch.device):
 
 
 def to_device(batch: Sample, device: torch.device) -> Sample:
+    """The batch on ``device``, its images as [0, 1] float (a loader ships uint8 pixels)."""
+    image = batch.image.to(device, non_blocking=True)
     return batch._replace(
-        image=batch.image.to(device, non_blocking=True),
+        image=to_unit(image) if image.dtype == torch.uint8 else image,
         mask=batch.mask.to(device, non_blocking=True),
         input_ids=batch.input_ids.to(device, non_blocking=True),
         attention_mask=batch.attention_mask.to(device, non_blocking=True),

@@ -711,19 +711,20 @@ def test_read_only_output_folder_is_refused_before_any_work(project, tmp_path, c
 def test_a_loss_that_becomes_nan_stops_the_stage_with_one_line_naming_the_step(
     project, tmp_path, monkeypatch
 ):
-    """From the fifth image the stage loads on (after the checkpoint of step 2), images are NaN
-    (a fault injected where the dataset reads an image): the run stops at the first non-finite
-    step, saves nothing after it, keeps its last good scratch checkpoint and the earlier output."""
-    import semires.data
+    """From the fifth image the stage trains on (after the checkpoint of step 2), images are NaN
+    (a fault injected where a batch's pixels become the model's input): the run stops at the
+    first non-finite step, saves nothing after it, keeps its last good scratch checkpoint and
+    the earlier output."""
+    import semires.train
 
-    real, loads = semires.data.ExpressionDataset.image, []
+    real, loads = semires.train.to_unit, []
 
-    def image(self, ref):
-        loads.append(ref.image_id)
-        out = real(self, ref)
+    def to_unit(pixels):
+        loads.extend(range(len(pixels)))
+        out = real(pixels)
         return out.fill_(float("nan")) if len(loads) > 4 else out
 
-    monkeypatch.setattr(semires.data.ExpressionDataset, "image", image)
+    monkeypatch.setattr(semires.train, "to_unit", to_unit)
     shutil.copytree(project / "outputs" / "burn-in", tmp_path / "out")
     before = tree(tmp_path / "out")
     params = write_params(tmp_path / "params.yaml", base_params(project), burn_in__steps=8)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from semires.bits import pack_bits
 from semires.blur import box_blur, gaussian_blur
@@ -33,6 +33,7 @@ from semires.errors import SemiresError
 from semires.model.text import TextTokenizer
 from semires.refer import read_refer
 from semires.synth import SynthOptions, write_dataset
+from semires.train import to_device
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,12 @@ def test_every_expression_is_an_item(synth):
 def test_sample_fields_and_collation(synth):
     ds = make(synth)
     s = ds[0]
-    assert s.image.shape == (3, 32, 32) and s.image.dtype == torch.float32
-    assert s.image.min() >= 0 and s.image.max() <= 1  # not normalised: the model does that
+    assert s.image.shape == (3, 32, 32) and s.image.dtype == torch.uint8  # pixels travel
+    on_device = to_device(default_collate([s]), torch.device("cpu")).image[0]
+    assert on_device.dtype == torch.float32 and torch.equal(on_device, s.image.float() / 255)
+    assert torch.equal(ds.image(ds.refs[0]), on_device)  # [0, 1], not normalised: the model does that
+    jittered = make(synth, transform=ColourJitter(0.4, 0.4, 0.4))[0]  # transforms work on [0, 1]
+    assert jittered.image.dtype == torch.float32 and 0 <= jittered.image.min() <= jittered.image.max() <= 1
     assert s.mask.shape == (32, 32) and set(s.mask.unique().tolist()) <= {0, 1}
     assert s.input_ids.shape == s.attention_mask.shape == (12,)
     batch = next(iter(DataLoader(ds, batch_size=3)))

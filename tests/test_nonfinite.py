@@ -33,9 +33,8 @@ class NaNAfter(ExpressionDataset):
     def __getitem__(self, key):
         item = super().__getitem__(key)
         self.calls += 1
-        if self.calls > self.after:
-            item = item._replace(image=torch.full_like(item.image, float("nan")))
-        return item
+        image = item.image.float() / 255  # one dtype for every item of a batch
+        return item._replace(image=image.fill_(float("nan")) if self.calls > self.after else image)
 
 
 def _labeled(semi, spec, after: int) -> NaNAfter:
