@@ -208,8 +208,9 @@ def supervised_step(
     *,
     class_weights: Sequence[float],
     device: torch.device,
-) -> float:
-    """One optimisation step on a labeled batch; returns the loss."""
+) -> torch.Tensor:
+    """One optimisation step on a labeled batch; returns the loss, a detached 0-d tensor on
+    the device (no host sync: :class:`NonFiniteWatch` and the loop's log read it later)."""
     batch = to_device(batch, device)
     with autocast(device):
         logits = model(batch.image, batch.input_ids, batch.attention_mask)
@@ -218,7 +219,7 @@ def supervised_step(
     loss.backward()
     optimizer.step()
     scheduler.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -563,7 +564,7 @@ class NonFiniteWatch:
     instead of training, evaluating and saving a broken model.
 
     :meth:`update` keeps the step on the loss's device when the loss is a tensor: no host
-    sync per step (the teacher-student step has none). :meth:`check` reads it (one sync, and
+    sync per step (neither training step has one). :meth:`check` reads it (one sync, and
     one collective under DDP so that every rank stops together) and is called where the loop
     syncs anyway: before logging, evaluating and saving a checkpoint, which is therefore
     never written after a non-finite step.
@@ -813,7 +814,8 @@ def train_supervised(
             watch.check(scratch, saved)  # a non-finite loss is never logged, evaluated or saved
         # log
         if on_metrics is not None and info.is_main and at_log:
-            on_metrics(step, {"train/loss": float(np.mean(losses)), "train/lr": lr})
+            loss = float(torch.stack(losses).double().mean())  # the one sync per log
+            on_metrics(step, {"train/loss": loss, "train/lr": lr})
             losses = []
         # evaluate
         stop = False
