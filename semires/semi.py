@@ -54,6 +54,7 @@ from semires.ema import ema_update
 from semires.errors import SemiresError
 from semires.metrics import intersection_union, iou
 from semires.model.build import ModelSpec
+from semires.model.speed import speed_up
 from semires.model.text import TextTokenizer
 from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig, Refined, refine
@@ -533,6 +534,8 @@ def train_semi(
     student = distributed.sync_batchnorm(student, device)
     average_teacher_buffers = info.world_size > 1 and not distributed.batchnorm_synced(student)
     training_mode(student.to(device), cfg.bert_dropout)
+    # compiled and channels-last before the copy: the teacher's copied forwards run its own weights
+    speed_up(student, compile=cfg.compile, channels_last=cfg.channels_last, backend=cfg.compile_backend)
     teacher = copy.deepcopy(student).to(device)
     teacher.requires_grad_(False)
     teacher.eval()

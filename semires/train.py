@@ -35,6 +35,7 @@ from semires.errors import CollectiveError, SemiresError
 from semires.logits import difference, foreground, forward
 from semires.metrics import intersection_union, iou, summarize
 from semires.model.build import ModelSpec, build_from_spec
+from semires.model.speed import speed_up
 
 CHECKPOINT_FORMAT = "semires-lavt"
 CHECKPOINT_VERSION = 2
@@ -533,6 +534,20 @@ def _load_error(path: Path, e: Exception) -> str:
     return first.split(". ")[0].rstrip(".")[:200]
 
 
+def state_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Lay out every per-parameter state tensor (AdamW's moments) in memory as its parameter.
+
+    A run resumed with another ``channels_last`` setting loads moments saved in the other
+    layout; the fused AdamW kernel walks a parameter and its moments in storage order, so
+    moments laid out otherwise would pair wrong elements (no error, another update)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def restore(
     ckpt: Checkpoint,
     model: nn.Module,
@@ -547,6 +562,7 @@ def restore(
     anyway, so the ranks reseed from the first one's plus the rank."""
     model.load_state_dict(ckpt.model)
     optimizer.load_state_dict(ckpt.optimizer)
+    state_like_params(optimizer)
     scheduler.load_state_dict(ckpt.scheduler)
     if ckpt.rng is not None:
         ranks = ckpt.rng.get("ranks", [ckpt.rng])
@@ -710,6 +726,9 @@ class LoopConfig:
     seed: int = 0
     num_workers: int | None = 0  # DataLoader workers (None: semires.data.auto_workers)
     eval_batch_size: int = 32
+    compile: str = "none"  # torch.compile of the model: none | regional | full (semires.model.speed)
+    channels_last: bool = False  # convolution weights NHWC (semires.model.speed.use_channels_last)
+    compile_backend: str | None = None  # None: semires.model.speed.DEFAULT_BACKEND (inductor)
 
 
 @dataclass
@@ -752,6 +771,7 @@ def train_supervised(
     torch.manual_seed(cfg.seed + info.rank)
     model = distributed.sync_batchnorm(model, device)  # several CUDA processes: SyncBatchNorm, as LAVT
     training_mode(model.to(device), cfg.bert_dropout)
+    speed_up(model, compile=cfg.compile, channels_last=cfg.channels_last, backend=cfg.compile_backend)
     optimizer = make_optimizer(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=cfg.no_decay, bert_layers=cfg.bert_layers
     )
