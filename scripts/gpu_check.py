@@ -26,17 +26,34 @@ Three sections, each against the public SemiRES code's way of doing the same wor
    (a correctness check). Beside them the public way: SAM once per referred object (2.5
    calls per image, as RefCOCO) and one JSON of run-length lists per object;
 3. the teacher-student step (``semires.semi.semi_step``) of the ``paper`` LAVT (Swin-B,
-   480 x 480, a random BERT-base) on 8 labeled + 8 unlabeled samples with 100 proposals
-   each: samples/s and model FLOP utilisation, beside a step written the public way (fp32,
-   ``gc.collect()`` and ``torch.cuda.empty_cache()`` every step, the per-mask loop). A step
-   that runs out of GPU memory is measured again at half the batch (reported; the ratio is
-   per sample). On CUDA the implicit host syncs of one ``semi_step`` are counted (for
-   information).
+   480 x 480, a random BERT-base) on 8 labeled + 8 unlabeled samples (the paper's batch per
+   GPU) with 100 proposals each, in variants (``--train-variants``) of the same weights:
+   ``eager`` (the step as the stages ran it before ``compile`` / ``channels_last``: the
+   baseline of the speed-up target), ``channels-last``, ``regional`` (``torch.compile`` of
+   the repeated blocks, with channels-last) and, on request, ``full`` (the whole model as
+   one graph): for each, samples/s, model FLOP utilisation, the peak memory it adds, the
+   first step's seconds (compilation), host syncs per step (on CUDA
+   ``set_sync_debug_mode``; for the eager variants also :class:`semires.syncs.HostSyncs`,
+   which sees every operation on any device: a sync there fails the run), the losses of
+   two steps from the same weights and seed against eager's (within bf16's rounding: a
+   correctness check; compiled variants draw dropout's random numbers with eager's kernels,
+   inductor's ``fallback_random``), and a torch.profiler profile of one step (top
+   operations by self device time, and the time by phase of the step and by model region:
+   BERT, Swin blocks and their window attention, PWAM and gates, decoder; printed for
+   eager and the fastest variant, all in the JSON). Beside them a step written the public
+   way (fp32, ``gc.collect()`` and ``torch.cuda.empty_cache()`` every step, the per-mask
+   loop). A step that runs out of GPU memory is measured again at half the batch
+   (reported; the ratio is per sample).
 
 Each section gets a share of ``--budget-s`` (model builds included) and stops early,
 reporting how many iterations it ran; ``--sections`` runs a subset. ``--tiny`` shrinks
 everything to CPU sizes (the tiny LAVT at 64 px, the tiny SAM, a few images and proposals)
-so the test suite runs every path except the CUDA-only ones. The last lines printed are a
+so the test suite runs every path except the CUDA-only ones (its compiled variants use the
+``aot_eager`` backend: graphs captured and differentiated, no code generated). A compiled
+variant compiles at its first step, which no budget cuts short: on a GPU give the run room
+(``--budget-s 540``). Targets: refinement 20x the loop; SAM 5 images/s in bf16; the eager
+step 3x the public-style one; the fastest variant 2.5x eager at 35 % MFU (bf16 dense peak),
+with 0 host syncs per step. The profiles are printed above the last lines, a
 markdown table; ``--out`` also writes every figure as JSON. Exit status: 0 (targets missed
 or not), 1 when a correctness check fails (outputs differ, a host sync was detected, a
 non-finite loss), 2 when a section raised.
@@ -69,8 +86,14 @@ if str(ROOT) not in sys.path:  # the repository is copied, not installed, on the
 # Dense bf16 tensor-core peak (FLOP/s) by device name, for model FLOP utilisation.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 # Share of the budget each section may use (model builds included); unused time rolls over.
-SHARES = {"refine": 0.10, "sam": 0.50, "train": 0.40}
-TARGETS = {"refine_speedup": 20.0, "sam_images_per_s": 5.0, "train_speedup": 3.0}
+SHARES = {"refine": 0.08, "sam": 0.42, "train": 0.50}
+TARGETS = {
+    "refine_speedup": 20.0,
+    "sam_images_per_s": 5.0,
+    "train_speedup": 3.0,  # eager vs the public-style step
+    "train_speedup_eager": 2.5,  # the fastest variant vs eager (the step as the stages ran it)
+    "train_mfu": 0.35,  # the fastest variant's model FLOP utilisation (bf16 dense peak)
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +115,11 @@ class Sizes:
     labeled: int = 8
     unlabeled: int = 8
     step_masks: int = 100
-    steps: int = 30  # at most, ours; the public-style step gets half
-    step_warmup: int = 2  # untimed steps before ours; the public-style step gets one fewer
+    steps: int = 30  # at most, each variant of ours; the public-style step gets half
+    step_warmup: int = 2  # untimed steps before each of ours (after 2 checked ones); public: one fewer
+    train_variants: tuple[str, ...] = ("eager", "channels-last", "regional")  # of TRAIN_VARIANTS
+    train_compile_backend: str = "inductor"  # torch.compile backend of the compiled variants
+    profile_ops: int = 10  # operations listed per profiled step
 
     @classmethod
     def tiny(cls) -> Sizes:
@@ -117,6 +143,8 @@ class Sizes:
             step_masks=6,
             steps=1,
             step_warmup=1,
+            train_compile_backend="aot_eager",  # traced and differentiated, no code generation
+            profile_ops=5,
         )
 
 
@@ -878,8 +906,9 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-def count_host_syncs(fn: Callable[[], Any]) -> int:
-    """Implicit host syncs of ``fn`` on CUDA (``set_sync_debug_mode("warn")``)."""
+def count_host_syncs(fn: Callable[[], Any]) -> tuple[int, list[str]]:
+    """Implicit host syncs of ``fn`` on CUDA (``set_sync_debug_mode("warn")``): the count
+    and where each was (``file:line``)."""
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -889,36 +918,169 @@ def count_host_syncs(fn: Callable[[], Any]) -> int:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     where = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
-    if where:
-        log("train", f"host syncs in one semi_step at: {', '.join(where)}")
-    return len(where)
+    return len(where), where
 
 
+# Our step's variants: (compile mode, channels-last), each on its own copy of one model.
+# "eager" is the step as the stages ran it before these settings (the speed-up's baseline).
+TRAIN_VARIANTS = {
+    "eager": ("none", False),
+    "channels-last": ("none", True),
+    "regional": ("regional", True),
+    "full": ("full", True),
+}
+# How far a variant's losses may be from eager's (relative): bf16 autocast on a GPU, where a
+# compiled graph rounds its fused intermediates differently; float32 on the CPU
+LOSS_RTOL = {"cuda": 0.02, "cpu": 1e-4}
+
+
+def region_names() -> list[tuple[type, str]]:
+    """Module classes -> the region their forward time is counted in (the first match wins;
+    window attention is inside the Swin blocks, counted in both)."""
+    from semires.model.decoder import Decoder
+    from semires.model.pwam import LanguageGate, PixelWordAttention
+    from semires.model.swin import PatchEmbed, PatchMerging, SwinBlock, WindowAttention
+    from semires.model.text import TextEncoder
+
+    return [
+        (TextEncoder, "BERT"),
+        (WindowAttention, "window attention"),
+        (SwinBlock, "Swin blocks"),
+        (PatchEmbed, "Swin embed+merge"),
+        (PatchMerging, "Swin embed+merge"),
+        (PixelWordAttention, "PWAM+gates"),
+        (LanguageGate, "PWAM+gates"),
+        (Decoder, "decoder"),
+    ]
+
+
+def hook_regions(models: list[torch.nn.Module]) -> list[Any]:
+    """Forward hooks that open a profiler range ``region.<name>`` around each region module
+    of ``models`` (:func:`region_names`). A module inside a compiled forward is left alone:
+    its calls are traced into the compiled graph (a hook there would recompile it). Returns
+    the handles (``.remove()`` each)."""
+    from torch.profiler import record_function
+
+    from semires.model.speed import is_compiled
+
+    names = region_names()
+    handles: list[Any] = []
+
+    def visit(module: torch.nn.Module) -> None:
+        name = next((n for cls, n in names if isinstance(module, cls)), None)
+        if name is not None:
+            open_ranges: list[Any] = []
+
+            def enter(*_: Any, label: str = f"region.{name}", stack: list[Any] = open_ranges) -> None:
+                stack.append(record_function(label).__enter__())
+
+            def leave(*_: Any, stack: list[Any] = open_ranges) -> None:
+                stack.pop().__exit__(None, None, None)
+
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
+        if not is_compiled(module):
+            for child in module.children():
+                visit(child)
+
+    for model in models:
+        visit(model)
+    return handles
+
+
+def profile_step(fn: Callable[[], Any], device: torch.device, models: list[torch.nn.Module], k: int):
+    """One call of ``fn`` (a training step) under torch.profiler: the ``k`` operations with the
+    most self time on the device (kernels, copies on CUDA; operators on the CPU) and the
+    step's time by phase (``semi_step``'s ranges, :data:`semires.semi.STEP_PHASES`; on CUDA
+    the backward is its autograd kernels) and by model region (forward only, teacher and
+    student together; :func:`hook_regions`), in ms and as shares of the step's total."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from semires.semi import STEP_PHASES
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    handles = hook_regions(models)
+    try:
+        with profile(activities=acts) as prof:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+    finally:
+        for h in handles:
+            h.remove()
+    ours = ("semi.", "region.")
+    if cuda:
+        ops = [e for e in prof.key_averages() if e.device_type != DeviceType.CPU]
+        self_us = [e.self_device_time_total for e in ops]
+    else:
+        ops = [e for e in prof.key_averages() if not e.key.startswith(ours)]
+        self_us = [e.self_cpu_time_total for e in ops]
+    total = sum(self_us) or 1.0
+    ranked = sorted(zip(self_us, ops, strict=True), key=lambda p: p[0], reverse=True)[:k]
+    top = [{"op": e.key[:70], "ms": t / 1e3, "share": t / total, "calls": e.count} for t, e in ranked]
+    phases: dict[str, float] = {}
+    regions: dict[str, float] = {}
+    backward = 0.0
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU:
+            continue
+        t = e.device_time_total if cuda else e.cpu_time_total
+        if e.name in STEP_PHASES:
+            key = e.name.removeprefix("semi.")
+            phases[key] = phases.get(key, 0.0) + t
+        elif e.name.startswith("region."):
+            key = e.name.removeprefix("region.")
+            regions[key] = regions.get(key, 0.0) + t
+        elif cuda and e.name.startswith("autograd::engine::evaluate_function"):
+            backward += t  # on the autograd engine's thread, outside semi.backward's range
+    if cuda:
+        phases["backward"] = phases.get("backward", 0.0) + backward
+    phases["other"] = max(0.0, total - sum(phases.values()))
+
+    def shares(d: dict[str, float]) -> dict[str, dict[str, float]]:
+        return {n: {"ms": t / 1e3, "share": t / total} for n, t in d.items()}
+
+    return {
+        "time": "device" if cuda else "cpu",
+        "total_ms": total / 1e3,
+        "top_ops": top,
+        "phases": shares(phases),
+        "regions": shares(regions),
+    }
+
+
+# inductor draws dropout's random numbers with eager's kernels, so that one step of a compiled
+# variant is eager's step (BERT's dropout and Swin's stochastic depth act on small tensors:
+# the cost is a few tiny kernels)
+@torch._inductor.config.patch(fallback_random=True)
 def section_train(sizes: Sizes, device: torch.device, deadline: float, peak: float | None) -> dict[str, Any]:
     import copy
 
     from torch.utils.flop_counter import FlopCounterMode
 
     from semires.model.build import count_parameters
+    from semires.model.speed import speed_up
     from semires.semi import SemiConfig, semi_step
+    from semires.syncs import HostSyncs
     from semires.train import make_optimizer, poly_schedule
 
     t = time.perf_counter()
     torch.manual_seed(0)
-    spec, student = build_lavt(sizes.model_preset, device)
-    student.train()
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    spec, base = build_lavt(sizes.model_preset, device)
+    base.train()
+    bases = {"student": base, "teacher": copy.deepcopy(base).requires_grad_(False).eval()}
     cfg = SemiConfig(steps=10_000, batch_size=sizes.labeled, unlabeled_batch_size=sizes.unlabeled)
-    optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
     lab, unl = step_inputs(spec, sizes, device)
     build_s = time.perf_counter() - t
-    params = count_parameters(student)
+    params = count_parameters(base)
     log(
         "train",
         f"{spec.config.name} LAVT ({params / 1e6:.1f} M params, {spec.config.image_size} px) built in "
         f"{build_s:.1f} s; {sizes.labeled} labeled + {sizes.unlabeled} unlabeled, "
-        f"{sizes.step_masks} proposals each",
+        f"{sizes.step_masks} proposals each; variants {', '.join(sizes.train_variants)} "
+        f"(compile backend {sizes.train_compile_backend})",
     )
     clock = Clock(device)
     out: dict[str, Any] = {
@@ -930,20 +1092,44 @@ def section_train(sizes: Sizes, device: torch.device, deadline: float, peak: flo
         "proposals": sizes.step_masks,
         "build_s": build_s,
         "weights": "random",
+        "compile_backend": sizes.train_compile_backend,
+        "variants": {},
     }
     losses: list[torch.Tensor] = []
 
-    def make(step: Callable[..., dict[str, Any]], nl: int, nu: int) -> Callable[[], None]:
+    def setup(variant: str) -> dict[str, Any]:
+        """The variant's student, teacher, optimiser and schedule, from the same weights."""
+        compile_mode, channels_last = TRAIN_VARIANTS[variant]
+        student, teacher = copy.deepcopy(bases["student"]), copy.deepcopy(bases["teacher"])
+        for m in (student, teacher):
+            speed_up(
+                m, compile=compile_mode, channels_last=channels_last, backend=sizes.train_compile_backend
+            )
+        optimizer = make_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = poly_schedule(optimizer, total_steps=cfg.steps, power=cfg.poly_power)
+        return {"student": student, "teacher": teacher, "optimizer": optimizer, "scheduler": scheduler}
+
+    def make(
+        state: dict[str, Any], step: Callable[..., dict[str, Any]], nl: int, nu: int
+    ) -> Callable[[], Any]:
         lab_b, unl_b = head(lab, nl), head(unl, nu)
 
-        def fn() -> None:
-            stats = step(student, teacher, lab_b, unl_b, optimizer, scheduler, cfg=cfg, device=device)
+        def fn() -> dict[str, Any]:
+            stats = step(
+                state["student"], state["teacher"], lab_b, unl_b, state["optimizer"], state["scheduler"],
+                cfg=cfg, device=device,
+            )  # fmt: skip
             losses.append(stats["loss"])
+            return stats
 
         return fn
 
-    def wall(fn: Callable[[], None], warmup: int, limit: int, until: float) -> tuple[float, int, float]:
-        """Seconds per step over as many steps as fit (at least one), peak memory in GiB."""
+    def wall(
+        fn: Callable[[], Any], warmup: int, limit: int, until: float, before: int
+    ) -> tuple[float, int, float]:
+        """Seconds per step over as many steps as fit (at least one); the peak memory in GiB
+        less ``before`` bytes (what other rows held: the row's own weights, optimiser state
+        and activations remain)."""
         for _ in range(warmup):
             fn()
         clock.sync()
@@ -954,20 +1140,25 @@ def section_train(sizes: Sizes, device: torch.device, deadline: float, peak: flo
             fn()
             done += 1
         clock.sync()
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        mem = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if device.type == "cuda" else 0.0
         return (time.perf_counter() - start) / done, done, mem
 
-    def measure(name: str, step, warmup: int, limit: int, until: float) -> dict[str, Any]:
+    def allocated() -> int:
+        return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+    def measure(
+        name: str, state, step, warmup: int, limit: int, until: float, before: int = 0
+    ) -> dict[str, Any]:
         """Time ``step`` at the full batch; out of memory, at half the batch, and so on."""
         nl, nu = sizes.labeled, sizes.unlabeled
         oom: list[list[int]] = []
         while True:
             try:
-                step_s, n, mem = wall(make(step, nl, nu), warmup, limit, until)
+                step_s, n, mem = wall(make(state, step, nl, nu), warmup, limit, until, before)
                 break
             except torch.cuda.OutOfMemoryError:
                 oom.append([nl, nu])
-            optimizer.zero_grad(set_to_none=True)
+            state["optimizer"].zero_grad(set_to_none=True)
             release(device)
             log("train", f"{name}: out of memory at {nl} + {nu} samples")
             if nl == nu == 1:
@@ -989,42 +1180,115 @@ def section_train(sizes: Sizes, device: torch.device, deadline: float, peak: flo
         )
         return row
 
-    left = deadline - time.perf_counter()
-    out["ours"] = measure(
-        "ours", semi_step, sizes.step_warmup, sizes.steps, time.perf_counter() + 0.35 * left
-    )
-    if "error" in out["ours"]:
-        raise RuntimeError(f"semi_step: {out['ours']['error']}")
-    ours = make(semi_step, out["ours"]["labeled"], out["ours"]["unlabeled"])
-    with FlopCounterMode(display=False) as counter:
-        ours()
-    flops = counter.get_total_flops()
-    per_sample = flops / (out["ours"]["labeled"] + out["ours"]["unlabeled"])
-    out["flops_per_step"] = flops
-    out["peak_flops"] = peak
+    per_sample: float | None = None
 
     def utilisation(row: dict[str, Any]) -> None:
-        achieved = per_sample * row["samples_per_s"]  # the public step does the same FLOPs per sample
+        achieved = per_sample * row["samples_per_s"]  # every row does the same FLOPs per sample
         row["achieved_tflops"] = achieved / 1e12
         row["mfu"] = achieved / peak if peak else None
 
-    utilisation(out["ours"])
-    if device.type == "cuda":
-        out["ours"]["host_syncs"] = count_host_syncs(ours)
+    eager_state: dict[str, Any] | None = None
+    names = list(sizes.train_variants)
+    for k, name in enumerate(names):
+        t0, before = time.perf_counter(), allocated()
+        state = setup(name)
+        # the same two steps from the same weights, inputs and seed: the variants' losses
+        # must agree with eager's (the second loss follows one backward and optimiser step)
+        check_losses: list[float] = []
+        try:
+            one = make(state, semi_step, sizes.labeled, sizes.unlabeled)
+            seconds = []
+            for _ in range(2):
+                torch.manual_seed(0)
+                seconds.append(
+                    clock.once(lambda one=one, into=check_losses: into.append(float(one()["loss"])))
+                )
+            first_s = seconds[0]
+        except Exception as e:  # compilation may fail: the row reports it, the others go on
+            traceback.print_exc()
+            out["variants"][name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+            del state
+            release(device)
+            continue
+        log("train", f"{name}: first step {first_s:.1f} s (compilation included), losses {check_losses}")
+        left = deadline - time.perf_counter()
+        row = measure(
+            name, state, semi_step, sizes.step_warmup, sizes.steps,
+            time.perf_counter() + left * 0.5 / (len(names) - k + 1), before,
+        )  # fmt: skip
+        if "error" in row:
+            if name == "eager":
+                raise RuntimeError(f"semi_step: {row['error']}")
+            out["variants"][name] = row
+            continue
+        row["compile"], row["channels_last"] = TRAIN_VARIANTS[name]
+        row["first_step_s"] = first_s
+        row["check_losses"] = check_losses
+        fn = make(state, semi_step, row["labeled"], row["unlabeled"])
+        if per_sample is None:  # the FLOPs of the step, counted once on the first (eager) row
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            out["flops_per_step"] = counter.get_total_flops()
+            per_sample = out["flops_per_step"] / (row["labeled"] + row["unlabeled"])
+            out["peak_flops"] = peak
+        utilisation(row)
+        if device.type == "cuda":
+            row["host_syncs"], where = count_host_syncs(fn)
+            if where:
+                log("train", f"{name}: host syncs in one step at {', '.join(where)}")
+        if row["compile"] == "none":  # traced: every operation through Python, on any device
+            with HostSyncs() as syncs:
+                fn()
+            row["host_syncs_traced"] = len(syncs)
+            row["host_syncs_where"] = [str(s) for s in syncs.found[:10]]
+            if len(syncs):
+                log("train", f"{name}: host syncs traced in one step: {syncs.summary()}")
+        try:
+            row["profile"] = profile_step(fn, device, [state["student"], state["teacher"]], sizes.profile_ops)
+        except Exception as e:  # the profiler is an extra: its failure is reported, not fatal
+            row["profile"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+        row["row_s"] = time.perf_counter() - t0
+        out["variants"][name] = row
+        if name == "eager":
+            eager_state = state
+        del state
+        release(device)
+    if eager_state is None or "samples_per_s" not in out["variants"].get("eager", {}):
+        raise RuntimeError("the eager step gave no figures")
+    bases.clear()
+    del base
+    release(device)
+    ours = out["variants"]["eager"]
+    out["ours"] = ours  # the step as it was: the public-style comparison's and the targets' baseline
+    ref = ours["check_losses"]
+    rtol = LOSS_RTOL.get(device.type, LOSS_RTOL["cuda"])
+    for row in out["variants"].values():
+        if "check_losses" in row:
+            diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row["check_losses"], ref, strict=True))
+            row["loss_rel_diff"] = diff
+            row["matches_eager"] = diff <= rtol
+            row["speedup_vs_eager"] = row["samples_per_s"] / ours["samples_per_s"]
+    out["loss_rtol"] = rtol
+    timed = {n: r for n, r in out["variants"].items() if "samples_per_s" in r}
+    out["fastest"] = max(timed, key=lambda n: timed[n]["samples_per_s"])
+    out["speedup_vs_eager"] = timed[out["fastest"]]["samples_per_s"] / ours["samples_per_s"]
+    best = timed[out["fastest"]]
     log(
         "train",
-        f"{flops / 1e12:.2f} TFLOP/step -> {out['ours']['achieved_tflops']:.1f} TFLOP/s"
-        + (f", MFU {100 * out['ours']['mfu']:.1f}% of {peak / 1e12:.0f}" if peak else ""),
+        f"{out['flops_per_step'] / 1e12:.2f} TFLOP/step; fastest {out['fastest']}: "
+        f"{best['samples_per_s']:.1f} samples/s, {out['speedup_vs_eager']:.2f}x eager"
+        + (f", MFU {100 * best['mfu']:.1f}% of {peak / 1e12:.0f}" if peak else ""),
     )
     out["public"] = measure(
-        "public-style", public_style_step, max(0, sizes.step_warmup - 1), max(1, sizes.steps // 2), deadline
-    )
+        "public-style", eager_state, public_style_step, max(0, sizes.step_warmup - 1),
+        max(1, sizes.steps // 2), max(deadline, time.perf_counter() + 1),
+    )  # fmt: skip
     if "error" in out["public"]:  # fp32 may not fit where bf16 does: a figure, not a failure
         out["speedup"] = None
     else:
         utilisation(out["public"])
-        out["speedup"] = out["ours"]["samples_per_s"] / out["public"]["samples_per_s"]
-        log("train", f"ours is {out['speedup']:.1f}x the public-style step (samples/s)")
+        out["speedup"] = ours["samples_per_s"] / out["public"]["samples_per_s"]
+        log("train", f"eager is {out['speedup']:.1f}x the public-style step (samples/s)")
     out["finite_loss"] = bool(torch.stack([x.float() for x in losses]).isfinite().all())
     return out
 
@@ -1044,6 +1308,38 @@ def fmt(x: Any, spec: str = ".2f", unit: str = "") -> str:
 
 def met(ok: bool | None) -> str:
     return "-" if ok is None else ("yes" if ok else "no")
+
+
+def profile_tables(report: dict[str, Any]) -> list[str]:
+    """The profiled training steps of the eager variant and the fastest one, one markdown
+    table each: top operations by self time, then the time by phase and by model region."""
+    t = report.get("train", {})
+    variants = t.get("variants", {})
+    lines: list[str] = []
+    for name in dict.fromkeys(["eager", t.get("fastest")]):
+        prof = variants.get(name, {}).get("profile")
+        if not prof:
+            continue
+        if "error" in prof:
+            lines += [f"train step profile, {name}: {prof['error']}", ""]
+            continue
+        lines += [
+            f"train step profile, {name} ({prof['time']} time, {prof['total_ms']:.1f} ms in one step):",
+            "",
+            "| kind | name | ms | share | calls |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| op | {op['op']} | {op['ms']:.2f} | {100 * op['share']:.1f} % | {op['calls']} |"
+            for op in prof["top_ops"]
+        ]
+        for kind, part in (("phase", "phases"), ("region (fwd)", "regions")):
+            lines += [
+                f"| {kind} | {n} | {v['ms']:.2f} | {100 * v['share']:.1f} % | |"
+                for n, v in prof[part].items()
+            ]
+        lines.append("")
+    return lines
 
 
 def table(report: dict[str, Any]) -> list[str]:
@@ -1137,15 +1433,19 @@ def table(report: dict[str, Any]) -> list[str]:
     t = report.get("train")
     if t and "ours" in t:
         pub, ours = t.get("public", {}), t["ours"]
+        variants = t.get("variants", {})
 
         def at(row: dict[str, Any]) -> str:
             if "samples_per_s" not in row:
                 return row.get("error", "-")[:32]
             return f"{row['samples_per_s']:.1f} ({row['labeled']}+{row['unlabeled']})"
 
+        def pct(row: dict[str, Any]) -> str:
+            return fmt(None if row.get("mfu") is None else 100 * row["mfu"], ".1f", "%")
+
         rows.append(
             (
-                f"train step samples/s ({t['preset']} @ {t['image_size']}, labeled+unlabeled)",
+                f"train step samples/s ({t['preset']} @ {t['image_size']}, labeled+unlabeled), eager",
                 at(ours),
                 at(pub),
                 fmt(t.get("speedup"), ".1f", "x"),
@@ -1155,18 +1455,80 @@ def table(report: dict[str, Any]) -> list[str]:
         )
         rows.append(
             (
-                f"train step MFU ({t['flops_per_step'] / 1e12:.3g} TFLOP/step, bf16 peak)",
-                fmt(None if ours.get("mfu") is None else 100 * ours["mfu"], ".1f", "%"),
-                fmt(None if pub.get("mfu") is None else 100 * pub["mfu"], ".1f", "%"),
+                f"train step MFU, eager ({t['flops_per_step'] / 1e12:.3g} TFLOP/step, bf16 peak)",
+                pct(ours),
+                pct(pub),
                 "",
                 "",
                 "",
             )
         )
-        if "host_syncs" in ours:
+        fastest = t.get("fastest")
+        for name, row in variants.items():
+            if name == "eager":
+                continue
+            label = f"{row.get('compile', '-')} compile, channels-last {row.get('channels_last', '-')}"
+            ratio = row.get("speedup_vs_eager")
+            is_best = name == fastest
             rows.append(
-                ("train step: host syncs in semi_step", str(ours["host_syncs"]), "", "", "0 (info)", "")
+                (
+                    f"train step samples/s, {name} ({label}) vs eager",
+                    at(row),
+                    at(ours),
+                    fmt(ratio, ".2f", "x"),
+                    f">= {TARGETS['train_speedup_eager']:.1f}x" if is_best else "",
+                    met(ratio >= TARGETS["train_speedup_eager"]) if is_best and ratio is not None else "",
+                )
             )
+            if "samples_per_s" in row:
+                rows.append(
+                    (
+                        f"train step MFU, {name}",
+                        pct(row),
+                        pct(ours),
+                        "",
+                        f">= {100 * TARGETS['train_mfu']:.0f} %" if is_best else "",
+                        met(None if row.get("mfu") is None else row["mfu"] >= TARGETS["train_mfu"])
+                        if is_best
+                        else "",
+                    )
+                )
+        for name, row in variants.items():
+            if "samples_per_s" not in row:
+                continue
+            rows.append(
+                (
+                    f"train step {name}: peak GiB (own), first step s (compilation)",
+                    f"{row['peak_mem_gib']:.1f}, {row['first_step_s']:.1f}",
+                    "",
+                    "",
+                    "",
+                    "",
+                )
+            )
+            syncs = [row.get("host_syncs"), row.get("host_syncs_traced")]
+            counted = [s for s in syncs if s is not None]
+            rows.append(
+                (
+                    f"train step {name}: host syncs per step (CUDA / traced)",
+                    " / ".join(fmt(s, "d") for s in syncs),
+                    "",
+                    "",
+                    "0",
+                    met(all(s == 0 for s in counted)) if counted else "",
+                )
+            )
+            if name != "eager":
+                rows.append(
+                    (
+                        f"train step {name}: 2 losses vs eager's (max relative difference)",
+                        fmt(row.get("loss_rel_diff"), ".2e"),
+                        "",
+                        "",
+                        f"<= {t['loss_rtol']:.0e}",
+                        fmt(row.get("matches_eager")),
+                    )
+                )
         rows.append(("train step: finite loss", fmt(t["finite_loss"]), "", "", "finite", ""))
     for name, err in report.get("errors", {}).items():
         rows.append((f"{name}: raised", err[:60], "", "", "", "FAIL"))
@@ -1185,8 +1547,14 @@ def correctness(report: dict[str, Any]) -> dict[str, bool]:
     for name, a in report.get("sam", {}).get("agreement", {}).items():
         if name.startswith("fast-fp32 "):  # float32: the library's masks, bit for bit
             checks["sam_fast_fp32_identical"] = a["all_identical"]
-    if "finite_loss" in report.get("train", {}):
-        checks["train_finite_loss"] = report["train"]["finite_loss"]
+    train = report.get("train", {})
+    if "finite_loss" in train:
+        checks["train_finite_loss"] = train["finite_loss"]
+    for name, row in train.get("variants", {}).items():
+        if "matches_eager" in row and name != "eager":  # compiled within bf16's rounding of eager
+            checks[f"train_{name}_matches_eager"] = row["matches_eager"]
+        if "host_syncs_traced" in row:  # every operation of an eager step seen: none may sync
+            checks[f"train_{name}_no_host_sync"] = row["host_syncs_traced"] == 0
     return checks
 
 
@@ -1201,6 +1569,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sam-public-images", type=int, default=None, help="at most this many (public-style)")
     ap.add_argument("--steps", type=int, default=None, help="at most this many timed training steps (ours)")
     ap.add_argument(
+        "--train-variants",
+        default=None,
+        help=f"our training step's variants, comma-separated, of {', '.join(TRAIN_VARIANTS)} (eager always "
+        "runs first); default: eager,channels-last,regional",
+    )
+    ap.add_argument(
         "--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (default: by name)"
     )
     return ap.parse_args(argv)
@@ -1211,11 +1585,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = Sizes.tiny() if args.tiny else Sizes()
-    overrides = {
+    overrides: dict[str, Any] = {
         "sam_images": args.sam_images,
         "sam_public_images": args.sam_public_images,
         "steps": args.steps,
     }
+    if args.train_variants is not None:
+        picked = [v for v in args.train_variants.split(",") if v]
+        unknown = [v for v in picked if v not in TRAIN_VARIANTS]
+        if unknown:
+            print(f"gpu_check: --train-variants {unknown[0]!r}: expected some of {', '.join(TRAIN_VARIANTS)}")
+            return 2
+        overrides["train_variants"] = tuple(["eager"] + [v for v in dict.fromkeys(picked) if v != "eager"])
     sizes = dataclasses.replace(sizes, **{k: v for k, v in overrides.items() if v is not None})
     name = (
         torch.cuda.get_device_name(device)
@@ -1264,6 +1645,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{name}, torch {torch.__version__}, {report['elapsed_s']:.0f} s of {args.budget_s:.0f} s\n",
         flush=True,
     )
+    profiles = profile_tables(report)
+    if profiles:
+        print("\n".join(profiles) + "\n", flush=True)
     print("\n".join(table(report)), flush=True)
     if not report["ok"]:
         return 1

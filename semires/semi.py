@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from semires import distributed
@@ -57,6 +58,7 @@ from semires.ema import ema_update
 from semires.errors import SemiresError
 from semires.metrics import intersection_union, iou
 from semires.model.build import ModelSpec
+from semires.model.speed import speed_up
 from semires.model.text import TextTokenizer
 from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig, Refined, refine
@@ -381,6 +383,14 @@ class SemiConfig(LoopConfig):
     ema_rate: float = 0.9996
 
 
+# The profiler ranges of semi_step, in order (the backward's kernels run on the autograd
+# engine's thread on a GPU: a profile finds them as autograd::engine::evaluate_function events)
+STEP_PHASES = (
+    "semi.inputs", "semi.teacher", "semi.refine", "semi.student", "semi.loss", "semi.backward",
+    "semi.optimizer", "semi.ema", "semi.diagnostics",
+)  # fmt: skip
+
+
 def semi_step(
     student: nn.Module,
     teacher: nn.Module,
@@ -396,36 +406,47 @@ def semi_step(
 
     loss, sup, unsup, matched (share of unlabeled samples a proposal matched), and the mean
     IoU against the hidden truth of the teacher's raw and refined labels (diagnostics).
-    The teacher is updated by EMA after the optimiser step.
+    The teacher is updated by EMA after the optimiser step. Each phase is a
+    ``torch.profiler`` range (``semi.teacher``, ``semi.refine``, ... :data:`STEP_PHASES`), so
+    a profile of the step adds its time up by phase.
     """
-    lab = to_device(labeled, device)
-    unl = unlabeled_to_device(unlabeled, device)
-    with torch.no_grad(), autocast(device):
+    with record_function("semi.inputs"):
+        lab = to_device(labeled, device)
+        unl = unlabeled_to_device(unlabeled, device)
+    with record_function("semi.teacher"), torch.no_grad(), autocast(device):
         t_logits = teacher(unl.weak, unl.input_ids, unl.attention_mask)
-    prob = t_logits.float().softmax(dim=1)[:, 1]
-    refined = refine(prob, unl.proposals, unl.valid, cfg.refine)
+    with record_function("semi.refine"):
+        prob = t_logits.float().softmax(dim=1)[:, 1]
+        refined = refine(prob, unl.proposals, unl.valid, cfg.refine)
     b = lab.image.shape[0]
-    images = torch.cat([lab.image, unl.strong])
-    ids = torch.cat([lab.input_ids, unl.input_ids])
-    att = torch.cat([lab.attention_mask, unl.attention_mask])
-    with autocast(device):
-        logits = student(images, ids, att)
-    sup = pixel_mean_loss(logits[:b], lab.mask, cfg.class_weights)
-    unsup = unsupervised_loss(logits[b:], refined, cfg.class_weights, pwa=cfg.refine.pwa)
-    loss = cfg.sup_weight * sup + cfg.unsup_weight * unsup
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    ema_update(teacher, unwrap(student), cfg.ema_rate)
-    gt = unl.gt.bool()
-    raw_iou = iou(*intersection_union(refined.raw.bool(), gt)).mean()
-    ref_iou = iou(*intersection_union(refined.labels.bool(), gt)).mean()
+    with record_function("semi.student"):
+        images = torch.cat([lab.image, unl.strong])
+        ids = torch.cat([lab.input_ids, unl.input_ids])
+        att = torch.cat([lab.attention_mask, unl.attention_mask])
+        with autocast(device):
+            logits = student(images, ids, att)
+    with record_function("semi.loss"):
+        sup = pixel_mean_loss(logits[:b], lab.mask, cfg.class_weights)
+        unsup = unsupervised_loss(logits[b:], refined, cfg.class_weights, pwa=cfg.refine.pwa)
+        loss = cfg.sup_weight * sup + cfg.unsup_weight * unsup
+    with record_function("semi.backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with record_function("semi.optimizer"):
+        optimizer.step()
+        scheduler.step()
+    with record_function("semi.ema"):
+        ema_update(teacher, unwrap(student), cfg.ema_rate)
+    with record_function("semi.diagnostics"):
+        gt = unl.gt.bool()
+        raw_iou = iou(*intersection_union(refined.raw.bool(), gt)).mean()
+        ref_iou = iou(*intersection_union(refined.labels.bool(), gt)).mean()
+        matched = refined.matched.float().mean()
     return {
         "loss": loss.detach(),
         "sup": sup.detach(),
         "unsup": unsup.detach(),
-        "matched": refined.matched.float().mean(),
+        "matched": matched,
         "raw_iou": raw_iou,
         "refined_iou": ref_iou,
     }
@@ -557,6 +578,8 @@ def train_semi(
     student = distributed.sync_batchnorm(student, device)
     average_teacher_buffers = info.world_size > 1 and not distributed.batchnorm_synced(student)
     training_mode(student.to(device), cfg.bert_dropout)
+    # compiled and channels-last before the copy: the teacher's copied forwards run its own weights
+    speed_up(student, compile=cfg.compile, channels_last=cfg.channels_last, backend=cfg.compile_backend)
     teacher = copy.deepcopy(student).to(device)
     teacher.requires_grad_(False)
     teacher.eval()

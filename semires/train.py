@@ -35,6 +35,7 @@ from semires.errors import CollectiveError, SemiresError
 from semires.logits import difference, foreground, forward
 from semires.metrics import intersection_union, iou, summarize
 from semires.model.build import ModelSpec, build_from_spec
+from semires.model.speed import speed_up
 
 CHECKPOINT_FORMAT = "semires-lavt"
 CHECKPOINT_VERSION = 2
@@ -210,8 +211,9 @@ def supervised_step(
     *,
     class_weights: Sequence[float],
     device: torch.device,
-) -> float:
-    """One optimisation step on a labeled batch; returns the loss."""
+) -> torch.Tensor:
+    """One optimisation step on a labeled batch; returns the loss, a detached 0-d tensor on
+    the device (no host sync: :class:`NonFiniteWatch` and the loop's log read it later)."""
     batch = to_device(batch, device)
     with autocast(device):
         logits = model(batch.image, batch.input_ids, batch.attention_mask)
@@ -220,7 +222,7 @@ def supervised_step(
     loss.backward()
     optimizer.step()
     scheduler.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -534,6 +536,20 @@ def _load_error(path: Path, e: Exception) -> str:
     return first.split(". ")[0].rstrip(".")[:200]
 
 
+def state_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Lay out every per-parameter state tensor (AdamW's moments) in memory as its parameter.
+
+    A run resumed with another ``channels_last`` setting loads moments saved in the other
+    layout; the fused AdamW kernel walks a parameter and its moments in storage order, so
+    moments laid out otherwise would pair wrong elements (no error, another update)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def restore(
     ckpt: Checkpoint,
     model: nn.Module,
@@ -548,6 +564,7 @@ def restore(
     anyway, so the ranks reseed from the first one's plus the rank."""
     model.load_state_dict(ckpt.model)
     optimizer.load_state_dict(ckpt.optimizer)
+    state_like_params(optimizer)
     scheduler.load_state_dict(ckpt.scheduler)
     if ckpt.rng is not None:
         ranks = ckpt.rng.get("ranks", [ckpt.rng])
@@ -565,7 +582,7 @@ class NonFiniteWatch:
     instead of training, evaluating and saving a broken model.
 
     :meth:`update` keeps the step on the loss's device when the loss is a tensor: no host
-    sync per step (the teacher-student step has none). :meth:`check` reads it (one sync, and
+    sync per step (neither training step has one). :meth:`check` reads it (one sync, and
     one collective under DDP so that every rank stops together) and is called where the loop
     syncs anyway: before logging, evaluating and saving a checkpoint, which is therefore
     never written after a non-finite step.
@@ -711,6 +728,9 @@ class LoopConfig:
     seed: int = 0
     num_workers: int | None = 0  # DataLoader workers (None: semires.data.auto_workers)
     eval_batch_size: int = 32
+    compile: str = "none"  # torch.compile of the model: none | regional | full (semires.model.speed)
+    channels_last: bool = False  # convolution weights NHWC (semires.model.speed.use_channels_last)
+    compile_backend: str | None = None  # None: semires.model.speed.DEFAULT_BACKEND (inductor)
 
 
 @dataclass
@@ -753,6 +773,7 @@ def train_supervised(
     torch.manual_seed(cfg.seed + info.rank)
     model = distributed.sync_batchnorm(model, device)  # several CUDA processes: SyncBatchNorm, as LAVT
     training_mode(model.to(device), cfg.bert_dropout)
+    speed_up(model, compile=cfg.compile, channels_last=cfg.channels_last, backend=cfg.compile_backend)
     optimizer = make_optimizer(
         model, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=cfg.no_decay, bert_layers=cfg.bert_layers
     )
@@ -815,7 +836,8 @@ def train_supervised(
             watch.check(scratch, saved)  # a non-finite loss is never logged, evaluated or saved
         # log
         if on_metrics is not None and info.is_main and at_log:
-            on_metrics(step, {"train/loss": float(np.mean(losses)), "train/lr": lr})
+            loss = float(torch.stack(losses).double().mean())  # the one sync per log
+            on_metrics(step, {"train/loss": loss, "train/lr": lr})
             losses = []
         # evaluate
         stop = False

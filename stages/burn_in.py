@@ -32,7 +32,7 @@ from stages.common import (
     open_live,
     stage_command,
 )
-from stages.params import LOADER_KEYS, DatasetParams, check, check_loader, section
+from stages.params import LOADER_KEYS, SPEED_KEYS, DatasetParams, check, check_loader, check_speed, section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +112,12 @@ class BurnInParams:
     seed: int = 0
     num_workers: int | None = None  # DataLoader workers; null: auto (see check_loader)
     image_cache_mb: int = 128  # decoded images kept per dataset and loading process
+    compile: str = "none"  # torch.compile: none | regional | full (semires.model.speed)
+    channels_last: bool = False  # convolution weights NHWC (faster convolutions on a GPU)
 
     def __post_init__(self) -> None:
         check_loader("burn_in", self.num_workers, self.image_cache_mb)
+        check_speed("burn_in", self.compile)
         check(self.steps >= 1, "burn_in.steps", self.steps, "expected at least 1 step")
         check(self.steps <= MAX_STEPS, "burn_in.steps", self.steps, f"expected 1..{MAX_STEPS:,} steps")
         check(
@@ -264,7 +267,7 @@ def run_key(spec: ModelSpec, p: BurnInParams, labeled: list[int], anns_path: Pat
     """Names the run's inputs: a resume continues only a run of the same model, data and params."""
     h = hashlib.sha256()
     h.update(spec.fingerprint().encode())
-    learning = {k: v for k, v in dataclasses.asdict(p).items() if k not in LOADER_KEYS}
+    learning = {k: v for k, v in dataclasses.asdict(p).items() if k not in (*LOADER_KEYS, *SPEED_KEYS)}
     h.update(json.dumps(learning, sort_keys=True).encode())
     h.update(json.dumps(labeled).encode())
     h.update(hashlib.md5(anns_path.read_bytes()).hexdigest().encode())

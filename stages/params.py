@@ -264,3 +264,21 @@ def check_loader(section_name: str, num_workers: int | None, image_cache_mb: int
         image_cache_mb,
         "expected megabytes of decoded images to keep per dataset and process, 0 for none",
     )
+
+
+# Knobs of how fast a training stage runs, not of what it learns: the same function (the
+# kernels may add up in another order), so they are left out of the run keys too.
+SPEED_KEYS = ("compile", "channels_last")
+
+
+def check_speed(section_name: str, compile_mode: str) -> None:
+    """``compile``: how the training stage compiles the model (:mod:`semires.model.speed`)."""
+    from semires.model.speed import COMPILE_MODES
+
+    check(
+        compile_mode in COMPILE_MODES,
+        f"{section_name}.compile",
+        compile_mode,
+        "expected none (eager), regional (Swin, PWAM, BERT blocks and the decoder compiled one by one) "
+        "or full (the whole model as one graph)",
+    )

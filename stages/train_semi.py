@@ -44,7 +44,7 @@ from stages.common import (
     open_live,
     stage_command,
 )
-from stages.params import LOADER_KEYS, DatasetParams, check, check_loader, section
+from stages.params import LOADER_KEYS, SPEED_KEYS, DatasetParams, check, check_loader, check_speed, section
 
 STRATEGIES = {"iom": "iom", "cpi": "cpi", "raw": "none"}
 CONTROL = "supervised"
@@ -113,9 +113,12 @@ class SemiParams:
     seed: int = 0
     num_workers: int | None = None  # DataLoader workers (one pool for both halves of a step); null: auto
     image_cache_mb: int = 128  # decoded images kept per dataset and loading process
+    compile: str = "none"  # torch.compile of student and teacher: none | regional | full
+    channels_last: bool = False  # convolution weights NHWC (faster convolutions on a GPU)
 
     def __post_init__(self) -> None:
         check_loader("semi", self.num_workers, self.image_cache_mb)
+        check_speed("semi", self.compile)
         check(len(self.fractions) > 0, "semi.fractions", self.fractions, "expected at least one fraction")
         for i, f in enumerate(self.fractions):
             check(
@@ -186,7 +189,7 @@ def run_key(method: str, p: SemiParams, labeled: list[int], anns: Path, burn_in:
     """Names the run's inputs: a resume continues only a run of the same inputs and params."""
     h = hashlib.sha256()
     params = dataclasses.asdict(p)
-    for k in ("fractions", "methods", *LOADER_KEYS):
+    for k in ("fractions", "methods", *LOADER_KEYS, *SPEED_KEYS):
         params.pop(k)
     h.update(json.dumps({"method": method, "params": params, "labeled": labeled}, sort_keys=True).encode())
     h.update(_file_md5(anns).encode())

@@ -35,6 +35,10 @@ def test_tiny_run_passes_its_checks_and_reports_every_section(gpu_check, tmp_pat
         "refine_cpi_identical": True,
         "sam_fast_fp32_identical": True,
         "train_finite_loss": True,
+        "train_eager_no_host_sync": True,
+        "train_channels-last_no_host_sync": True,
+        "train_channels-last_matches_eager": True,
+        "train_regional_matches_eager": True,
     }
 
     refine = report["refine"]
@@ -87,11 +91,36 @@ def test_tiny_run_passes_its_checks_and_reports_every_section(gpu_check, tmp_pat
     )
     assert train["speedup"] > 0 and train["finite_loss"]
 
+    # our step's variants: each timed, checked against eager's two losses, profiled
+    variants = train["variants"]
+    assert list(variants) == ["eager", "channels-last", "regional"] and train["ours"] == variants["eager"]
+    assert train["compile_backend"] == "aot_eager"  # --tiny: traced and differentiated, no code generation
+    for row in variants.values():
+        assert row["samples_per_s"] > 0 and row["first_step_s"] > 0 and row["mfu"] is None
+        assert len(row["check_losses"]) == 2 and row["check_losses"][0] != row["check_losses"][1]
+        assert row["matches_eager"] and row["loss_rel_diff"] <= train["loss_rtol"] == 1e-4
+        assert row["speedup_vs_eager"] > 0
+        assert ("host_syncs_traced" in row) == (row["compile"] == "none")
+        prof = row["profile"]
+        assert prof["time"] == "cpu" and prof["total_ms"] > 0 and len(prof["top_ops"]) == 5
+        assert {"teacher", "refine", "student", "loss", "backward", "optimizer", "ema"} <= set(prof["phases"])
+        assert {"BERT", "Swin blocks", "PWAM+gates", "decoder"} <= set(prof["regions"])
+    assert variants["eager"]["host_syncs_traced"] == variants["channels-last"]["host_syncs_traced"] == 0
+    assert variants["eager"]["profile"]["regions"]["window attention"]["ms"] > 0
+    assert "window attention" not in variants["regional"]["profile"]["regions"]  # inside compiled blocks
+    assert (variants["regional"]["compile"], variants["regional"]["channels_last"]) == ("regional", True)
+    assert train["fastest"] in variants and train["speedup_vs_eager"] >= 1.0
+
     table = printed.strip().splitlines()
     header = table.index("| check | ours | public-style | ratio | target | met? |")
     rows = table[header + 2 :]
     assert rows and all(line.startswith("| ") and line.count("|") == 7 for line in rows)
     assert any(line.startswith("| train step samples/s") for line in rows)
+    assert any(line.startswith("| train step samples/s, regional (regional compile") for line in rows)
+    assert any(
+        line.startswith("| train step eager: host syncs per step (CUDA / traced) | - / 0 |") for line in rows
+    )
+    assert "train step profile, eager (cpu time" in printed and "| phase | backward |" in printed
     assert any(line.startswith("| SAM images/s bf16 (tiny") for line in rows)
 
 
@@ -126,3 +155,34 @@ def test_loop_reference_matches_refine_with_and_without_pwa(gpu_check):
             labels, weights, matched = gpu_check.loop_refine(prob, props, valid, cfg)
             assert torch.equal(got.labels, labels) and torch.equal(got.matched, matched)
             assert torch.allclose(got.weights, weights, rtol=0, atol=1e-6)
+
+
+def test_a_host_sync_in_the_step_fails_the_run(gpu_check, tmp_path, monkeypatch):
+    import semires.semi
+
+    plain = semires.semi.ema_update
+
+    def reads_back(teacher, student, rate):
+        plain(teacher, student, rate)
+        if next(teacher.parameters()).sum() > 0:  # a Python `if` on a device value
+            pass
+
+    monkeypatch.setattr(semires.semi, "ema_update", reads_back)
+    out = tmp_path / "gpu.json"
+    rc = gpu_check.main(
+        ["--tiny", "--device", "cpu", "--sections", "train", "--train-variants", "eager", "--budget-s", "5",
+         "--out", str(out)]
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert rc == 1 and not report["ok"]
+    assert report["checks"]["train_eager_no_host_sync"] is False
+    row = report["train"]["variants"]["eager"]
+    assert row["host_syncs_traced"] == 1
+    assert row["host_syncs_where"][0].startswith("_local_scalar_dense at test_gpu_check.py:")
+
+
+def test_unknown_train_variant_is_one_line(gpu_check, capsys):
+    assert gpu_check.main(["--tiny", "--device", "cpu", "--train-variants", "eager,fast"]) == 2
+    assert capsys.readouterr().out.strip() == (
+        "gpu_check: --train-variants 'fast': expected some of eager, channels-last, regional, full"
+    )

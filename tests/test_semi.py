@@ -324,6 +324,42 @@ def test_resume_continues_a_killed_teacher_student_run_exactly(
         assert torch.equal(x, y), k
 
 
+def test_a_compiled_channels_last_run_trains_as_an_eager_one(project):
+    """semi.compile: regional and semi.channels_last: the same steps (aot_eager: the graphs
+    dynamo captures, differentiated by AOTAutograd, without code generation), a teacher of
+    its own compiled forwards moved by EMA, the same weights to rounding, the state dict's keys."""
+    from semires.model.speed import is_compiled
+
+    _, anns, _, _ = project
+    results = {}
+    for fast in (False, True):
+        spec, model = tiny(anns)
+        speed = {"compile": "regional", "channels_last": True, "compile_backend": "aot_eager"} if fast else {}
+        logs = []
+        res = train_semi(
+            model, spec, labeled(project, spec), unlabeled(project, spec), None, _cfg(**speed),
+            scratch=project[0] / f"fast-{fast}.pt", run_key="k",
+            on_metrics=lambda s, m, logs=logs: logs.append(m.get("train/loss")),
+        )  # fmt: skip
+        results[fast] = (model, res.teacher, logs)
+    (plain, plain_t, plain_logs), (model, teacher, logs) = results[False], results[True]
+    assert is_compiled(model.decoder) and is_compiled(teacher.decoder)
+    assert teacher.decoder.forward.__self__ is teacher.decoder  # its own weights, not the student's
+    assert model.decoder.classifier.weight.is_contiguous(memory_format=torch.channels_last)
+    assert len(logs) == 5 and logs[-1] is None  # four steps' losses, then the end's empty row
+    assert logs[:4] == pytest.approx(plain_logs[:4], rel=1e-5)
+    for a, b in ((model, plain), (teacher, plain_t)):
+        assert list(a.state_dict()) == list(b.state_dict())
+        diffs = [
+            (x.float() - y.float()).abs().max()
+            for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+        ]
+        # Adam moves a parameter whose gradient is rounding noise (PWAM's biases, which its
+        # instance norms remove) by up to lr a step either way: the rest agrees closely
+        assert max(diffs) <= 4 * 1e-3
+        assert sorted(diffs)[len(diffs) * 3 // 4] <= 1e-5
+
+
 def test_keep_best_val_selects_on_the_teachers_val_oiou(project):
     _, anns, _, _ = project
     spec, model = tiny(anns)

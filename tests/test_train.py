@@ -193,6 +193,44 @@ def test_resume_continues_a_killed_run_exactly(synth, tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize(("killed", "resumed"), [(True, False), (False, True)])
+def test_resume_across_the_channels_last_setting_continues_exactly(synth, tmp_path, killed, resumed):
+    """channels_last is a knob of speed: a run killed with one setting resumes with the other
+    to the weights of an unbroken run (the saved AdamW moments are laid out as the new
+    parameters: the fused kernel would otherwise pair wrong elements)."""
+    anns, image_dir = synth
+    refs = anns.in_split("train")
+
+    def run(scratch, channels_last, **kw):
+        spec, model = tiny_model(anns, dropout=0.1)
+        cfg = LoopConfig(steps=4, batch_size=2, lr=1e-3, checkpoint_every=100, log_every=1,
+                         channels_last=channels_last)  # fmt: skip
+        train_supervised(
+            model, spec, dataset(spec, refs, image_dir), None, cfg, scratch=scratch, run_key="k", **kw
+        )
+        return model
+
+    straight = run(tmp_path / "a.pt", resumed)
+    run(tmp_path / "b.pt", killed, stop_after=2)
+    resumed_model = run(tmp_path / "b.pt", resumed, resume=True)
+    conv = resumed_model.decoder.fuse[0][0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == resumed
+    for (k, a), b in zip(straight.state_dict().items(), resumed_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_state_like_params_lays_moments_out_as_their_parameters():
+    from semires.train import state_like_params
+
+    p = torch.nn.Parameter(torch.randn(2, 3, 2, 2).contiguous(memory_format=torch.channels_last))
+    opt = torch.optim.AdamW([p])
+    moment = torch.arange(24.0).view(2, 3, 2, 2)  # contiguous: as saved by a run without channels-last
+    opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": moment}
+    state_like_params(opt)
+    assert opt.state[p]["exp_avg"].stride() == p.stride() and torch.equal(opt.state[p]["exp_avg"], moment)
+    assert opt.state[p]["step"].shape == ()
+
+
 def test_best_on_val_keeps_the_best_evaluation_and_stops_after_its_patience():
     from semires.train import BestOnVal
 

@@ -15,7 +15,7 @@ from semires.model.build import prepare, preset
 from semires.refer import read_refer
 from semires.split import random_split
 from semires.synth import SynthOptions, write_dataset
-from semires.train import save_checkpoint
+from semires.train import load_checkpoint, save_checkpoint
 from stages.cli import app
 
 runner = CliRunner()
@@ -210,6 +210,65 @@ def test_loader_knobs_leave_the_run_key_alone(project):
         for w, c in ((None, 128), (2, 0))
     }
     assert len(keys) == 1
+
+
+def test_burn_in_compiled_and_channels_last_writes_the_same_checkpoint_layout(project, tmp_path, monkeypatch):
+    """burn_in.compile: regional and burn_in.channels_last: true (compiled with aot_eager here:
+    inductor's code generation takes minutes on a small CPU)."""
+    import semires.model.speed
+
+    monkeypatch.setattr(semires.model.speed, "DEFAULT_BACKEND", "aot_eager")
+    root, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["burn_in"].update(compile="regional", channels_last=True)
+    (root / "fast.yaml").write_text(yaml.safe_dump(params))
+    args = burn_in_args(root, "fast.yaml")
+    args[args.index("--out") + 1] = str(tmp_path / "model.pt")
+    args[args.index("--live") + 1] = str(tmp_path / "dvclive")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    from semires.model.build import build_from_spec
+
+    fast = load_checkpoint(tmp_path / "model.pt")
+    assert fast.step == 4 and list(fast.model) == list(build_from_spec(fast.spec).state_dict())
+    assert "mIoU" in json.loads((tmp_path / "dvclive" / "metrics.json").read_text())["val"]
+
+
+def test_speed_knobs_leave_the_run_key_alone(project):
+    """A killed run continues compiled, or channels-last, or not: the same function."""
+    from semires.model.build import prepare, preset
+    from stages.burn_in import BurnInParams, run_key
+    from stages.train_semi import SemiParams
+    from stages.train_semi import run_key as semi_key
+
+    root, _ = project
+    spec, _ = prepare(preset("tiny"), corpus=["a b"])
+    anns_path = root / "anns.json"
+    keys = {run_key(spec, BurnInParams(compile=c, channels_last=cl), [1], anns_path)
+            for c, cl in (("none", False), ("regional", True), ("full", False))}  # fmt: skip
+    assert len(keys) == 1
+    ckpt = anns_path  # any file stands in for the burn-in checkpoint here
+    semi = {semi_key("supervised", SemiParams(compile=c, channels_last=cl), [1], anns_path, ckpt, root)
+            for c, cl in (("none", False), ("full", True))}  # fmt: skip
+    assert len(semi) == 1
+
+
+@pytest.mark.parametrize("section_name", ["burn_in", "semi"])
+def test_bad_compile_mode_names_the_key_and_the_choices(tmp_path, section_name):
+    from semires.errors import SemiresError
+    from stages.burn_in import BurnInParams
+    from stages.params import section
+    from stages.train_semi import SemiParams
+
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{section_name}:\n  compile: fast\n")
+    cls = BurnInParams if section_name == "burn_in" else SemiParams
+    with pytest.raises(SemiresError) as e:
+        section(path, section_name, cls)
+    assert str(e.value) == (
+        f"params.yaml: {section_name}.compile = 'fast': expected none (eager), regional (Swin, PWAM, BERT "
+        "blocks and the decoder compiled one by one) or full (the whole model as one graph)"
+    )
 
 
 def test_bad_semi_loader_param_names_the_key(tmp_path):

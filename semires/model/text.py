@@ -148,16 +148,34 @@ class TextEncoder(nn.Module):
     """BERT's last hidden states as word features: ids, mask ``B x T`` -> ``B x T x C``.
 
     Pads are masked out of BERT's self-attention, so a real token's feature does not depend
-    on how many pads follow it.
+    on how many pads follow it. BERT runs PyTorch's fused attention
+    (``scaled_dot_product_attention``, transformers' ``sdpa``). The encoder hands BERT its
+    attention mask ready made (:meth:`attention_mask_4d`), ``B x 1 x T x T`` as transformers
+    would build it: transformers' own preparation first asks the device whether any token
+    is a pad (to drop an all-ones mask), a host sync in every forward.
     """
 
     def __init__(self, bert: BertModel) -> None:
         super().__init__()
         self.bert = bert
+        if bert.config._attn_implementation != "sdpa":
+            bert.set_attn_implementation("sdpa")
 
     @property
     def dim(self) -> int:
         return self.bert.config.hidden_size
 
+    def attention_mask_4d(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``B x T`` (1 word, 0 pad) -> ``B x 1 x T x T``: boolean (True: attend) for ``sdpa``,
+        else additive float32 (0, or the float's lowest value on pads), as transformers'
+        ``sdpa_mask`` / ``eager_mask`` make them from a mask with pads."""
+        b, t = attention_mask.shape
+        keep = attention_mask.bool()[:, None, None, :].expand(b, 1, t, t)
+        if self.bert.config._attn_implementation == "sdpa":
+            return keep
+        zero = torch.zeros((), dtype=torch.float32, device=keep.device)
+        return torch.where(keep, zero, torch.finfo(torch.float32).min)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = self.attention_mask_4d(attention_mask)
+        return self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state
