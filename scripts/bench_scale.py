@@ -28,21 +28,21 @@
    pixels: the same image gets the same masks. Made once, for the largest size; the
    smaller sizes read it too (their images are a prefix of it).
 3. **At each size**, every measured step in its own process, with the sum of the resident
-   memory of that process and all its children (DataLoader workers) sampled 10 times a
-   second: ``extract`` and ``split`` (1 % labels) time and peak RSS; the unlabeled loader
-   of ``train-semi`` (flip, the default blur and colour jitter, proposals; batch 8) in
-   samples/s at 480 px with 0 (one torch thread), 1 and 2 workers, up to the batch leaving
-   the loader (the views travel as uint8 pixels, a blur radius and jitter numbers: the blur
-   and the jitter run on the training device and are not in this figure); a
-   ``train-semi`` run (CPI+PWA, the ``tiny`` model at 480 px, ``--steps`` steps of 8 labeled + 8 unlabeled, pseudo-label quality on 64 expressions at
-   start and end, 2 workers; on the train refs only, as validation is the next row) from a
-   1-step burn-in: peak RSS of all its processes together (and their PSS, which counts a
-   page shared by the workers once); ``evaluate`` (2 workers) on the val split: 10,834
-   expressions at full size. Once: ``propose`` (time, peak RSS: a writer holds one shard of
-   ``proposals.shard_images`` images; its scratch folder's peak size and files; the
-   store's size and files) and refinement of 8 x 256 proposals at 480 px (extra memory
-   beyond its inputs, as the rise of the process's peak RSS, glibc's malloc told to return
-   freed memory at once).
+   memory of that process and all its children (DataLoader workers) sampled 10 times a second:
+   ``extract`` and ``split`` (1 % labels) time and peak RSS; the unlabeled loader of
+   ``train-semi`` (flip, the default blur and colour jitter, proposals; batch 8) in samples/s
+   at 480 px with 0 (one torch thread), 1 and 2 workers, up to the batch leaving the loader
+   (the views travel as uint8 pixels, a blur radius and jitter numbers: the blur and the jitter
+   run on the training device and are not in this figure); a ``train-semi`` run (CPI+PWA, the
+   ``tiny`` model at 480 px, ``--steps`` steps of 8 labeled + 8 unlabeled, pseudo-label quality
+   on 64 expressions at start and end, 2 workers; on the train refs only, as validation is the
+   next row) from a 1-step burn-in: peak RSS of all its processes together (and their PSS,
+   which counts a page shared by the workers once); ``evaluate`` (2 workers) on the val split:
+   10,834 expressions at full size. Once: ``propose`` (time, peak RSS: a writer holds one shard
+   of ``proposals.shard_images`` images; its scratch folder's peak size and files; the store's
+   size and files) and refinement of 8 x 256 proposals at 480 px (extra memory beyond its
+   inputs, as the rise of the process's peak RSS, glibc's malloc told to return freed memory at
+   once).
 
 ``--code`` runs the measured steps on another checkout's code (e.g. the commit before a
 change, extracted with ``git archive``): params it does not know are left out. Results are

@@ -23,6 +23,8 @@ import math
 import numpy as np
 import torch
 
+from semires.syncs import host_array
+
 PASSES = 3  # PIL's default
 
 
@@ -67,7 +69,7 @@ def gaussian_blur(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
         return box_blur(pixels, sigma)
     from PIL import Image, ImageFilter
 
-    hwc = pixels.permute(1, 2, 0).contiguous().numpy()
+    hwc = host_array(pixels.permute(1, 2, 0).contiguous())
     image = Image.fromarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc)
     out = torch.from_numpy(np.array(image.filter(ImageFilter.GaussianBlur(radius=float(sigma)))))
     return out[None] if out.ndim == 2 else out.permute(2, 0, 1)

@@ -40,6 +40,7 @@ from semires.blur import gaussian_blur
 from semires.errors import InvalidSetting, SemiresError
 from semires.images import read_rgb
 from semires.model.text import TextTokenizer
+from semires.syncs import host_values
 
 
 class Sample(NamedTuple):
@@ -280,7 +281,7 @@ class ColourJitter:
         """``B x 3 x H x W`` [0, 1] images, each jittered as its row of ``codes`` (``B x 9``
         from :meth:`code`, on the host: read without a device sync), on the images' device.
         Equal to :meth:`apply` image by image (the same operations on the same values)."""
-        rows = codes.tolist()
+        rows = host_values(codes)
         if not any(row[0] for row in rows):
             return images
         out = [

@@ -63,6 +63,7 @@ from semires.model.text import TextTokenizer
 from semires.proposals.store import ProposalStore
 from semires.refine import RefineConfig, Refined, refine
 from semires.resize import NearestRule
+from semires.syncs import host_values
 from semires.train import (
     BestOnVal,
     Evaluation,
@@ -304,7 +305,7 @@ def unlabeled_to_device(batch: UnlabeledSample, device: torch.device) -> Unlabel
         return None if t is None else t.to(device, non_blocking=True)
 
     pixels = move(batch.weak)
-    radii = batch.blur.tolist()
+    radii = host_values(batch.blur)
     if any(radii):
         pixels = torch.stack([gaussian_blur(p, r) if r else p for p, r in zip(pixels, radii, strict=True)])
     weak = to_unit(pixels)

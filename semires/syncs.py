@@ -16,6 +16,9 @@ the CPU too, from the operations themselves, so the tests can hold a step to zer
   from a non-CPU device to the CPU.
 
 Each is recorded with where it came from: the innermost stack frame outside torch.
+Numbers that live on the host on every device (what a loader made: a view's blur radius,
+its colour-jitter draws) are read with :func:`host_values` / :func:`host_array`, which
+refuse a tensor that is not on the CPU and are not counted.
 """
 
 from __future__ import annotations
@@ -65,6 +68,41 @@ _HOST_METHODS = {
     torch.Tensor.tolist: "tolist",
     torch.Tensor.numpy: "numpy",
 }
+
+
+_host_reads = threading.local()  # depth of host_values / host_array calls on this thread
+
+
+def _reading_host() -> bool:
+    return getattr(_host_reads, "depth", 0) > 0
+
+
+def _on_host(t: torch.Tensor, what: str) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"{what} reads a tensor that lives on the host; this one is on {t.device}")
+
+
+def host_values(t: torch.Tensor) -> Any:
+    """``t.tolist()`` of a tensor that lives on the host on every device (a loader's
+    output, never moved): no device sync anywhere, so :class:`HostSyncs` does not count it.
+    A tensor on another device is refused (reading it would be a sync)."""
+    _on_host(t, "host_values")
+    _host_reads.depth = getattr(_host_reads, "depth", 0) + 1
+    try:
+        return t.tolist()
+    finally:
+        _host_reads.depth -= 1
+
+
+def host_array(t: torch.Tensor) -> Any:
+    """``t.numpy()`` of a CPU tensor, for host code (PIL) that runs only when the device is
+    the CPU: no device sync, not counted by :class:`HostSyncs`; another device is refused."""
+    _on_host(t, "host_array")
+    _host_reads.depth = getattr(_host_reads, "depth", 0) + 1
+    try:
+        return t.numpy()
+    finally:
+        _host_reads.depth -= 1
 
 
 @dataclass(frozen=True)
@@ -145,7 +183,7 @@ class _Function(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _HOST_METHODS.get(func)
-        if name is None:
+        if name is None or self.owner._quieted():
             return func(*args, **kwargs)
         self.owner._record(name)
         quiet = self.owner._quiet
@@ -171,7 +209,7 @@ class HostSyncs:
         self._modes: tuple[_Function, _Dispatch] | None = None
 
     def _quieted(self) -> bool:
-        return getattr(self._quiet, "depth", 0) > 0
+        return getattr(self._quiet, "depth", 0) > 0 or _reading_host()
 
     def _record(self, op: str) -> None:
         where, via = _frames()

@@ -8,8 +8,10 @@ import copy
 import pytest
 import torch
 
+from semires.blur import box_blur
+from semires.data import ColourJitter
 from semires.semi import SemiConfig, semi_step
-from semires.syncs import HostSyncs, host_syncs
+from semires.syncs import HostSyncs, host_array, host_syncs, host_values
 from semires.train import make_optimizer, poly_schedule, supervised_step
 
 from .conftest import script_module
@@ -93,7 +95,35 @@ def _step(student, lab, unl, plant=None):
 
 
 def test_the_teacher_student_step_has_no_host_sync(step_parts):
+    _, _, unl = step_parts
+    assert bool(unl.blur.any()) and bool(unl.jitter[:, 0].any())  # both views' host numbers are read
     syncs = _step(*step_parts)
+    assert len(syncs) == 0, syncs.summary()
+
+
+def test_numbers_that_live_on_the_host_are_read_without_a_sync_and_only_from_the_host():
+    codes = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    with HostSyncs() as syncs:
+        assert host_values(codes) == [[1.0, 2.0], [3.0, 4.0]]
+        assert host_array(codes).shape == (2, 2)
+        codes.tolist()  # the same read without saying the tensor is a host one: counted
+    assert [s.op for s in syncs.found] == ["tolist"]
+    on_device = torch.empty(2, device="meta")
+    for read in (host_values, host_array):
+        with pytest.raises(ValueError, match="lives on the host; this one is on meta"):
+            read(on_device)
+
+
+def test_the_device_side_view_operations_have_no_host_sync():
+    """What unlabeled_to_device runs on a GPU: the blur in torch (the CPU uses PIL) and the
+    colour jitter from host codes."""
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    jitter = ColourJitter(0.25, 0.25, 0.25, 0.25, random_order=True, p=1.0)
+    codes = torch.stack([jitter.code(gen) for _ in range(2)])
+    with HostSyncs() as syncs:
+        box_blur(pixels, 1.5)
+        ColourJitter.apply_codes(pixels.float() / 255, codes)
     assert len(syncs) == 0, syncs.summary()
 
 
