@@ -77,32 +77,27 @@ def _reading_host() -> bool:
     return getattr(_host_reads, "depth", 0) > 0
 
 
-def _on_host(t: torch.Tensor, what: str) -> None:
+def _read_host(t: torch.Tensor, read: Callable[[torch.Tensor], Any], what: str) -> Any:
     if t.device.type != "cpu":
         raise ValueError(f"{what} reads a tensor that lives on the host; this one is on {t.device}")
+    _host_reads.depth = getattr(_host_reads, "depth", 0) + 1
+    try:
+        return read(t)
+    finally:
+        _host_reads.depth -= 1
 
 
 def host_values(t: torch.Tensor) -> Any:
     """``t.tolist()`` of a tensor that lives on the host on every device (a loader's
     output, never moved): no device sync anywhere, so :class:`HostSyncs` does not count it.
     A tensor on another device is refused (reading it would be a sync)."""
-    _on_host(t, "host_values")
-    _host_reads.depth = getattr(_host_reads, "depth", 0) + 1
-    try:
-        return t.tolist()
-    finally:
-        _host_reads.depth -= 1
+    return _read_host(t, torch.Tensor.tolist, "host_values")
 
 
 def host_array(t: torch.Tensor) -> Any:
     """``t.numpy()`` of a CPU tensor, for host code (PIL) that runs only when the device is
     the CPU: no device sync, not counted by :class:`HostSyncs`; another device is refused."""
-    _on_host(t, "host_array")
-    _host_reads.depth = getattr(_host_reads, "depth", 0) + 1
-    try:
-        return t.numpy()
-    finally:
-        _host_reads.depth -= 1
+    return _read_host(t, torch.Tensor.numpy, "host_array")
 
 
 @dataclass(frozen=True)
