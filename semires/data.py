@@ -355,10 +355,18 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div_(255)
 
 
+def resized_pixels(image: np.ndarray, size: int) -> torch.Tensor:
+    """``H x W x 3`` uint8 -> ``3 x size x size`` uint8 as PIL resizes it
+    (:func:`semires.resize.resize_image`), channels first in memory: batching and flipping a
+    strided view copies element by element."""
+    hwc = np.asarray(resize.resize_image(image, size))
+    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+
+
 def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
     """``H x W x 3`` uint8 -> ``3 x size x size`` float in [0, 1]: PIL's bilinear resize of the
     uint8 pixels, as the official input pipeline (:func:`semires.resize.resize_image`)."""
-    return image_tensor(np.array(resize.resize_image(image, size)))
+    return to_unit(resized_pixels(image, size))
 
 
 def resize_mask_np(mask: np.ndarray, size: int, rule: resize.NearestRule = "pil") -> np.ndarray:
@@ -444,9 +452,7 @@ class ExpressionDataset(Dataset):
         if raw is None:
             raw = read_rgb(self.image_dir / ref.file_name)[0]
             self.cache.put(ref.image_id, raw)
-        # channels first in memory: batching and flipping a strided view copies element by element
-        hwc = np.asarray(resize.resize_image(raw, self.image_size))
-        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+        return resized_pixels(raw, self.image_size)
 
     def image(self, ref: RefRecord) -> torch.Tensor:
         """The ref's image at the input size: ``3 x S x S`` float in [0, 1]."""
